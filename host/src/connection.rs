@@ -1,0 +1,408 @@
+//! One client's WebSocket, from the 101 to the close.
+//!
+//! A single task per connection (two would double the idle cost) that:
+//! writes what its outbox holds, batching frames into one flush; reads client
+//! frames and handles them in order (one subscribe in flight at a time, while
+//! live positions keep flowing); pings, and drops a peer silent for two ping
+//! intervals; closes a client whose socket stays blocked (1008), who sends
+//! binary (1003) or oversized (1009) frames, and every client at shutdown
+//! (1001).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use rustc_hash::FxHashSet;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use uuid::Uuid;
+
+use crate::directus::{Authz, Credential, User};
+use crate::metrics::inc;
+use crate::outbox::{Drained, Outbox};
+use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
+use crate::registry::{ConnId, Identity};
+use crate::server::Shared;
+use crate::snapshot;
+
+pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Frames taken from the outbox per flush.
+const FRAMES_PER_FLUSH: usize = 256;
+/// Client requests waiting behind the one in flight; past this the socket is
+/// not read until the queue shrinks.
+const MAX_QUEUED_REQUESTS: usize = 16;
+
+/// Why the connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client closed, or its TCP connection went away.
+    Client,
+    /// No frame (not even a pong) for two ping intervals.
+    Silent,
+    /// Host shutdown: 1001.
+    Shutdown,
+    /// Binary frame: 1003.
+    Binary,
+    /// Frame over the size limit: 1009.
+    TooLarge,
+    /// Socket blocked past the slow-client timeout, or control backlog over
+    /// its limit: 1008.
+    Slow,
+}
+
+impl End {
+    fn close(self) -> Option<(u16, &'static str)> {
+        match self {
+            End::Client | End::Silent => None,
+            End::Shutdown => Some((1001, "server shutting down")),
+            End::Binary => Some((1003, "binary frames are not supported")),
+            End::TooLarge => Some((1009, "frame too large")),
+            End::Slow => Some((1008, "client too slow")),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            End::Client => "client",
+            End::Silent => "silent",
+            End::Shutdown => "shutdown",
+            End::Binary => "binary_frame",
+            End::TooLarge => "frame_too_large",
+            End::Slow => "slow_client",
+        }
+    }
+}
+
+/// What a finished request changed in the connection's subscriptions.
+enum Done {
+    Added(Uuid),
+    Removed(Uuid),
+    Unchanged,
+}
+
+type InFlight = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// Frames built by the host are UTF-8 by construction (JSON written from
+/// `str`s and validated raw JSON), so they skip tungstenite's re-validation,
+/// which would otherwise run once per frame per subscriber.
+fn text(frame: Bytes) -> Message {
+    debug_assert!(std::str::from_utf8(&frame).is_ok());
+    // SAFETY: every frame comes from `protocol` or `record`, which only join
+    // `str` data, validated JSON text and ASCII; see the debug assertion.
+    Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(frame) })
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    id: ConnId,
+    outbox: Arc<Outbox>,
+    identity: Arc<Identity>,
+    credential: Arc<Credential>,
+    subscriptions: FxHashSet<Uuid>,
+    queue: VecDeque<Result<Request, ErrorReply>>,
+    in_flight: Option<(Uuid, InFlight)>,
+}
+
+/// Serves one upgraded connection until it ends.
+pub async fn serve(
+    shared: Arc<Shared>,
+    mut ws: Ws,
+    user: User,
+    credential: Credential,
+    id: ConnId,
+) {
+    let metrics = shared.metrics.clone();
+    metrics.connections.inc();
+    tracing::debug!(conn = id, user = %user.id, "connected");
+    let identity = Arc::new(Identity {
+        role: user.role.unwrap_or_default().into(),
+        user_id: user.id.into(),
+    });
+    let mut conn = Conn {
+        outbox: Arc::new(Outbox::new(
+            shared.config.live_ws_backpressure_threshold_bytes,
+        )),
+        shared,
+        id,
+        identity,
+        credential: Arc::new(credential),
+        subscriptions: FxHashSet::default(),
+        queue: VecDeque::new(),
+        in_flight: None,
+    };
+    let end = conn.run(&mut ws).await;
+    conn.cleanup();
+    inc(&metrics.closes, "reason", end.label());
+    if let Some((code, reason)) = end.close() {
+        let grace = match end {
+            End::Shutdown => conn.shared.config.drain_timeout(),
+            _ => Duration::from_secs(2),
+        };
+        close(&mut ws, code, reason, grace).await;
+    }
+    metrics.connections.dec();
+    tracing::debug!(conn = id, reason = end.label(), "disconnected");
+}
+
+/// Sends a close frame and waits, up to `grace`, for the client's.
+async fn close(ws: &mut Ws, code: u16, reason: &'static str, grace: Duration) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = tokio::time::timeout(grace, async {
+        if ws.close(Some(frame)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+impl Conn {
+    async fn run(&mut self, ws: &mut Ws) -> End {
+        let interval = self.shared.config.ping_interval();
+        let slow = self.shared.config.slow_client_timeout();
+        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+        let mut last_seen = Instant::now();
+        let mut frames: Vec<Bytes> = Vec::new();
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let more = match self.outbox.drain(&mut frames, FRAMES_PER_FLUSH) {
+                Drained::Overflow => return End::Slow,
+                Drained::Frames { more } => more,
+            };
+            if !frames.is_empty()
+                && let Err(end) = write(ws, &mut frames, slow).await
+            {
+                return end;
+            }
+            while self.in_flight.is_none() {
+                let Some(req) = self.queue.pop_front() else {
+                    break;
+                };
+                self.start(req);
+            }
+
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Shutdown,
+                msg = ws.next(), if self.queue.len() < MAX_QUEUED_REQUESTS => {
+                    last_seen = Instant::now();
+                    match msg {
+                        Some(Ok(Message::Text(t))) => self.queue.push_back(protocol::parse(&t)),
+                        Some(Ok(Message::Binary(_))) => return End::Binary,
+                        // tungstenite queued the pong; send it now.
+                        Some(Ok(Message::Ping(_))) => {
+                            if tokio::time::timeout(slow, ws.flush()).await.map_or(true, |r| r.is_err()) {
+                                return End::Slow;
+                            }
+                        }
+                        Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+                        Some(Ok(Message::Close(_))) => {
+                            // Complete the closing handshake tungstenite started.
+                            let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
+                            return End::Client;
+                        }
+                        Some(Err(WsError::Capacity(_))) => return End::TooLarge,
+                        Some(Err(_)) | None => return End::Client,
+                    }
+                }
+                done = poll_in_flight(&mut self.in_flight), if self.in_flight.is_some() => {
+                    self.in_flight = None;
+                    match done {
+                        Done::Added(e) => { self.subscriptions.insert(e); }
+                        Done::Removed(e) => { self.subscriptions.remove(&e); }
+                        Done::Unchanged => {}
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_seen.elapsed() >= interval * 2 {
+                        return End::Silent;
+                    }
+                    match tokio::time::timeout(slow, ws.send(Message::Ping(Bytes::new()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return End::Client,
+                        Err(_) => return End::Slow,
+                    }
+                }
+                _ = self.outbox.wait(), if !more => {}
+                _ = std::future::ready(()), if more => {}
+            }
+        }
+    }
+
+    fn reply_error(&self, e: ErrorReply) {
+        inc(&self.shared.metrics.client_errors, "code", e.code.as_str());
+        self.outbox.push_control(protocol::error(&e));
+    }
+
+    /// Handles a request; a subscribe continues in the background.
+    fn start(&mut self, req: Result<Request, ErrorReply>) {
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(e),
+        };
+        let topic = req.topic();
+        match req.kind {
+            RequestKind::Unsubscribe => {
+                self.subscriptions.remove(&req.event);
+                if self.shared.registry.unsubscribe(req.event, self.id) {
+                    self.shared.metrics.subscriptions.dec();
+                }
+                let idx = self.shared.registry.topic_idx(req.event);
+                let reply = protocol::unsubscribed(&topic, req.id.as_deref());
+                self.outbox.remove_topic(idx, Some(reply));
+            }
+            RequestKind::Subscribe => {
+                let max = self.shared.config.live_ws_max_subscriptions as usize;
+                let held = self.subscriptions.contains(&req.event);
+                if !held && self.subscriptions.len() >= max {
+                    return self.reply_error(ErrorReply {
+                        code: ErrorCode::TooManySubscriptions,
+                        topic: Some(topic),
+                        id: req.id,
+                        message: "this connection holds the maximum number of subscriptions",
+                    });
+                }
+                let event = req.event;
+                let task = subscribe(
+                    self.shared.clone(),
+                    self.credential.clone(),
+                    self.outbox.clone(),
+                    self.identity.clone(),
+                    self.id,
+                    req,
+                    held,
+                );
+                self.in_flight = Some((event, Box::pin(task)));
+            }
+        }
+    }
+
+    /// Removes every subscription of the connection, including one whose
+    /// subscribe was still in flight.
+    fn cleanup(&mut self) {
+        let pending = self.in_flight.take().map(|(e, _)| e);
+        for event in self.subscriptions.drain().chain(pending) {
+            if self.shared.registry.unsubscribe(event, self.id) {
+                self.shared.metrics.subscriptions.dec();
+            }
+        }
+        self.outbox.close();
+    }
+}
+
+fn poll_in_flight(f: &mut Option<(Uuid, InFlight)>) -> impl Future<Output = Done> + '_ {
+    std::future::poll_fn(move |cx| match f {
+        Some((_, fut)) => fut.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
+}
+
+/// Feeds the frames to the socket and flushes once.
+async fn write(ws: &mut Ws, frames: &mut Vec<Bytes>, slow: Duration) -> Result<(), End> {
+    let send = async {
+        for f in frames.drain(..) {
+            ws.feed(text(f)).await?;
+        }
+        ws.flush().await
+    };
+    match tokio::time::timeout(slow, send).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Client),
+        Err(_) => Err(End::Slow),
+    }
+}
+
+/// Authorize, register, snapshot, release: in this order, so that no live
+/// position is lost between the snapshot and the stream (see `outbox`).
+async fn subscribe(
+    shared: Arc<Shared>,
+    credential: Arc<Credential>,
+    outbox: Arc<Outbox>,
+    identity: Arc<Identity>,
+    conn: ConnId,
+    req: Request,
+    held: bool,
+) -> Done {
+    let topic = req.topic();
+    let m = &shared.metrics;
+    let (authz, took) = shared
+        .directus
+        .authorize_event(&credential, req.event)
+        .await;
+    m.authz_latency_ms.observe(took.as_secs_f64() * 1000.0);
+    inc(&m.authz, "result", authz.label());
+    let refuse = |code, message| {
+        inc(&m.client_errors, "code", ErrorCode::as_str(code));
+        outbox.push_control(protocol::error(&ErrorReply {
+            code,
+            topic: Some(topic.clone()),
+            id: req.id.clone(),
+            message,
+        }));
+    };
+    let revoked = match authz {
+        Authz::Allowed => false,
+        Authz::Error => {
+            refuse(ErrorCode::Error, "authorization is unavailable; try again");
+            return Done::Unchanged;
+        }
+        Authz::Forbidden => {
+            refuse(ErrorCode::Forbidden, "you may not read this event");
+            true
+        }
+        Authz::NotFound => {
+            refuse(ErrorCode::NotFound, "no such event");
+            true
+        }
+    };
+    let idx = shared.registry.topic_idx(req.event);
+    if revoked {
+        // A user who lost access to a topic they hold loses the subscription.
+        if held && shared.registry.unsubscribe(req.event, conn) {
+            m.subscriptions.dec();
+            outbox.remove_topic(idx, None);
+            return Done::Removed(req.event);
+        }
+        return Done::Unchanged;
+    }
+
+    outbox.hold(idx);
+    if shared
+        .registry
+        .subscribe(req.event, conn, &identity, &outbox)
+    {
+        m.subscriptions.inc();
+    }
+    let devices = shared.devices.current();
+    let snap = snapshot::build(
+        req.event,
+        &shared.db,
+        shared.config.snapshot_timeout(),
+        &devices,
+        &shared.latest,
+        m,
+    )
+    .await;
+    let floors: Vec<_> = snap.entries.iter().map(|e| (e.device, e.ts_ms)).collect();
+    let msg = protocol::subscribed(
+        &topic,
+        req.id.as_deref(),
+        snap.entries.iter().map(|e| &e.body[..]),
+    );
+    outbox.release(idx, &floors, msg);
+    Done::Added(req.event)
+}

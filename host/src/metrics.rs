@@ -1,0 +1,215 @@
+//! Prometheus metrics.
+//!
+//! One registry per host instance (not a process-global one) so that tests can
+//! run several hosts in one process and read each one's numbers. Hot-path
+//! code holds the metric handles directly; counters that move once per record
+//! are added per batch, not per subscriber.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A single `result`/`reason`/`code` label.
+pub type Label = [(&'static str, &'static str); 1];
+type CounterFamily = Family<Label, Counter>;
+
+/// Every metric the host exports.
+pub struct Metrics {
+    registry: Registry,
+
+    pub connections: Gauge,
+    pub auth_attempts: CounterFamily,
+    pub auth_latency_ms: Histogram,
+    pub authz: CounterFamily,
+    pub authz_latency_ms: Histogram,
+    pub subscriptions: Gauge,
+    pub client_errors: CounterFamily,
+    pub closes: CounterFamily,
+
+    pub records_read: Counter,
+    pub records_malformed: CounterFamily,
+    pub records_stale: Counter,
+    pub records_unrouted: Counter,
+    pub records_routed: Counter,
+    pub deliveries: Counter,
+    pub conflated: Counter,
+    pub consumer_lag: Gauge,
+    pub consumer_errors: CounterFamily,
+    pub redis_connected: Gauge,
+
+    pub snapshot_latency_ms: Histogram,
+    pub snapshot_size: Histogram,
+    pub snapshot_failures: Counter,
+
+    pub device_map_refreshes: CounterFamily,
+    pub device_map_devices: Gauge,
+
+    pub filter: crate::filter::FilterMetrics,
+}
+
+fn latency_ms() -> Histogram {
+    // 0.25 ms … ~8 s
+    Histogram::new(exponential_buckets(0.25, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        macro_rules! reg {
+            ($name:literal, $help:literal, $metric:expr) => {{
+                let m = $metric;
+                r.register($name, $help, m.clone());
+                m
+            }};
+        }
+        let mut m = Metrics {
+            connections: reg!(
+                "livecast_connections",
+                "Open WebSocket connections",
+                Gauge::default()
+            ),
+            auth_attempts: reg!(
+                "processor_live_auth_attempts",
+                "Upgrade auth attempts by result (ok, unauthorized, unavailable, forbidden_origin)",
+                CounterFamily::default()
+            ),
+            auth_latency_ms: reg!(
+                "processor_live_auth_latency_ms",
+                "Latency of the Directus /users/me call at upgrade, ms",
+                latency_ms()
+            ),
+            authz: reg!(
+                "livecast_authz",
+                "Subscribe authorizations by result (ok, forbidden, not_found, error)",
+                CounterFamily::default()
+            ),
+            authz_latency_ms: reg!(
+                "livecast_authz_latency_ms",
+                "Latency of the Directus /items/events call at subscribe, ms",
+                latency_ms()
+            ),
+            subscriptions: reg!(
+                "livecast_subscriptions",
+                "Active subscriptions",
+                Gauge::default()
+            ),
+            client_errors: reg!(
+                "livecast_client_errors",
+                "Error replies sent to clients, by code",
+                CounterFamily::default()
+            ),
+            closes: reg!(
+                "livecast_closes",
+                "Connections closed by the host, by reason",
+                CounterFamily::default()
+            ),
+            records_read: reg!(
+                "livecast_records_read",
+                "Stream entries read",
+                Counter::default()
+            ),
+            records_malformed: reg!(
+                "livecast_records_malformed",
+                "Stream entries skipped as malformed, by reason",
+                CounterFamily::default()
+            ),
+            records_stale: reg!(
+                "livecast_records_stale",
+                "Records not broadcast because the device already has a newer position",
+                Counter::default()
+            ),
+            records_unrouted: reg!(
+                "livecast_records_unrouted",
+                "Records of devices registered to no event",
+                Counter::default()
+            ),
+            records_routed: reg!(
+                "livecast_records_routed",
+                "Records that reached at least one subscribed topic",
+                Counter::default()
+            ),
+            deliveries: reg!(
+                "livecast_deliveries",
+                "Positions queued to subscribers",
+                Counter::default()
+            ),
+            conflated: reg!(
+                "livecast_conflated",
+                "Positions replaced by a newer one of the same device before a slow client read them",
+                Counter::default()
+            ),
+            consumer_lag: reg!(
+                "livecast_consumer_lag",
+                "Entries in the stream not yet read by this instance's group",
+                Gauge::default()
+            ),
+            consumer_errors: reg!(
+                "livecast_consumer_errors",
+                "Redis errors of the stream consumer, by kind",
+                CounterFamily::default()
+            ),
+            redis_connected: reg!(
+                "livecast_redis_connected",
+                "1 while the stream consumer is connected and its group exists",
+                Gauge::default()
+            ),
+            snapshot_latency_ms: reg!(
+                "processor_live_snapshot_query_latency_ms",
+                "Latency of the snapshot query, ms",
+                latency_ms()
+            ),
+            snapshot_size: reg!(
+                "processor_live_snapshot_size",
+                "Entries per snapshot",
+                Histogram::new(exponential_buckets(1.0, 2.0, 12))
+            ),
+            snapshot_failures: reg!(
+                "livecast_snapshot_failures",
+                "Snapshots served from memory because the database failed",
+                Counter::default()
+            ),
+            device_map_refreshes: reg!(
+                "livecast_device_map_refreshes",
+                "Reloads of the device to event map, by result",
+                CounterFamily::default()
+            ),
+            device_map_devices: reg!(
+                "livecast_device_map_devices",
+                "Devices registered to at least one event",
+                Gauge::default()
+            ),
+            filter: crate::filter::FilterMetrics::default(),
+            registry: Registry::default(),
+        };
+        m.filter.register(&mut r);
+        m.registry = r;
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counter `name{label=value}` from a family, for tests and the bench.
+    pub fn count(family: &CounterFamily, key: &'static str, value: &'static str) -> u64 {
+        family.get(&[(key, value)]).map(|c| c.get()).unwrap_or(0)
+    }
+}
+
+/// `family{key=value} += 1`.
+pub fn inc(family: &CounterFamily, key: &'static str, value: &'static str) {
+    family.get_or_create(&[(key, value)]).inc();
+}

@@ -1,0 +1,327 @@
+//! The wire protocol (docs/protocol.md): strict parsing of client frames and
+//! the server's messages, written straight to bytes.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::record::write_json_str;
+
+/// Longest correlation `id` a client may send.
+pub const MAX_ID_LEN: usize = 128;
+
+/// A valid client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub kind: RequestKind,
+    pub event: Uuid,
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Subscribe,
+    Unsubscribe,
+}
+
+impl Request {
+    /// The topic in its canonical form, `event:<lowercase uuid>`.
+    pub fn topic(&self) -> String {
+        topic_of(self.event)
+    }
+}
+
+pub fn topic_of(event: Uuid) -> String {
+    format!("event:{}", event.hyphenated())
+}
+
+/// Error codes of `error` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Forbidden,
+    NotFound,
+    UnknownTopic,
+    /// Transient: Directus or the database is unavailable; the client may retry.
+    Error,
+    BadRequest,
+    TooManySubscriptions,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not-found",
+            ErrorCode::UnknownTopic => "unknown-topic",
+            ErrorCode::Error => "error",
+            ErrorCode::BadRequest => "bad-request",
+            ErrorCode::TooManySubscriptions => "too-many-subscriptions",
+        }
+    }
+}
+
+/// An `error` message to send, echoing what the request carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub topic: Option<String>,
+    pub id: Option<String>,
+    pub message: &'static str,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: String,
+    topic: String,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// Parses a text frame. Anything that is not exactly a subscribe or
+/// unsubscribe frame is an error reply; nothing else changes.
+pub fn parse(text: &str) -> Result<Request, ErrorReply> {
+    let frame: Frame = match serde_json::from_str(text) {
+        Ok(f) => f,
+        Err(_) => {
+            let (topic, id) = echo_fields(text);
+            return Err(ErrorReply {
+                code: ErrorCode::BadRequest,
+                topic,
+                id,
+                message: "expected {\"type\": \"subscribe\"|\"unsubscribe\", \"topic\": string, \"id\"?: string} and nothing else",
+            });
+        }
+    };
+    let bad = |message| ErrorReply {
+        code: ErrorCode::BadRequest,
+        topic: Some(frame.topic.clone()),
+        id: frame.id.clone().filter(|i| i.len() <= MAX_ID_LEN),
+        message,
+    };
+    if frame.id.as_ref().is_some_and(|i| i.len() > MAX_ID_LEN) {
+        return Err(bad("id is longer than 128 characters"));
+    }
+    let kind = match frame.kind.as_str() {
+        "subscribe" => RequestKind::Subscribe,
+        "unsubscribe" => RequestKind::Unsubscribe,
+        _ => return Err(bad("type must be \"subscribe\" or \"unsubscribe\"")),
+    };
+    let event = frame
+        .topic
+        .strip_prefix("event:")
+        .and_then(|id| Uuid::try_parse(id).ok());
+    let Some(event) = event else {
+        return Err(ErrorReply {
+            code: ErrorCode::UnknownTopic,
+            topic: Some(frame.topic),
+            id: frame.id,
+            message: "the only topic is event:<event uuid>",
+        });
+    };
+    Ok(Request {
+        kind,
+        event,
+        id: frame.id,
+    })
+}
+
+/// Best effort: the `topic` and `id` of a frame that failed strict parsing, so
+/// the client can match the error to its request.
+fn echo_fields(text: &str) -> (Option<String>, Option<String>) {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(text) else {
+        return (None, None);
+    };
+    let field = |k: &str| {
+        map.get(k)
+            .and_then(|v| v.as_str())
+            .filter(|s| s.len() <= MAX_ID_LEN)
+            .map(str::to_owned)
+    };
+    (field("topic"), field("id"))
+}
+
+fn open(b: &mut BytesMut, kind: &str, topic: Option<&str>, id: Option<&str>) {
+    b.put_slice(b"{\"type\":\"");
+    b.put_slice(kind.as_bytes());
+    b.put_u8(b'"');
+    if let Some(topic) = topic {
+        b.put_slice(b",\"topic\":");
+        write_json_str(b, topic);
+    }
+    if let Some(id) = id {
+        b.put_slice(b",\"id\":");
+        write_json_str(b, id);
+    }
+}
+
+/// `{"type":"subscribed","topic":…,"id":…,"snapshot":[{entry},…]}`, from
+/// position bodies (see [`crate::record::Position::body`]).
+pub fn subscribed<'a>(
+    topic: &str,
+    id: Option<&str>,
+    bodies: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+) -> Bytes {
+    let size: usize = bodies.clone().map(|b| b.len() + 2).sum();
+    let mut b = BytesMut::with_capacity(96 + topic.len() + size);
+    open(&mut b, "subscribed", Some(topic), id);
+    b.put_slice(b",\"snapshot\":[");
+    for (i, body) in bodies.enumerate() {
+        if i > 0 {
+            b.put_u8(b',');
+        }
+        b.put_u8(b'{');
+        b.put_slice(body);
+    }
+    b.put_slice(b"]}");
+    b.freeze()
+}
+
+/// `{"type":"unsubscribed","topic":…,"id":…}`
+pub fn unsubscribed(topic: &str, id: Option<&str>) -> Bytes {
+    let mut b = BytesMut::with_capacity(64 + topic.len());
+    open(&mut b, "unsubscribed", Some(topic), id);
+    b.put_u8(b'}');
+    b.freeze()
+}
+
+/// `{"type":"error","code":…,"topic":…,"id":…,"message":…}`
+pub fn error(e: &ErrorReply) -> Bytes {
+    let mut b = BytesMut::with_capacity(160);
+    b.put_slice(b"{\"type\":\"error\",\"code\":\"");
+    b.put_slice(e.code.as_str().as_bytes());
+    b.put_u8(b'"');
+    if let Some(topic) = &e.topic {
+        b.put_slice(b",\"topic\":");
+        write_json_str(&mut b, topic);
+    }
+    if let Some(id) = &e.id {
+        b.put_slice(b",\"id\":");
+        write_json_str(&mut b, id);
+    }
+    b.put_slice(b",\"message\":");
+    write_json_str(&mut b, e.message);
+    b.put_u8(b'}');
+    b.freeze()
+}
+
+/// The part of every `position` message of a topic before the record's body.
+pub fn position_prefix(event: Uuid) -> Bytes {
+    let mut b = BytesMut::with_capacity(80);
+    b.put_slice(b"{\"type\":\"position\",\"topic\":\"event:");
+    b.put_slice(
+        event
+            .hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    b.put_slice(b"\",");
+    b.freeze()
+}
+
+/// A `position` message: the topic's prefix and the record's body, joined
+/// once per topic and shared by every subscriber of that topic.
+pub fn position(prefix: &[u8], body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(prefix.len() + body.len());
+    b.put_slice(prefix);
+    b.put_slice(body);
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EVENT: &str = "0b6c7c1e-3a3b-4b8e-9d1a-2f6f5c4e8a10";
+
+    #[test]
+    fn parses_requests() {
+        let r = parse(&format!(
+            r#"{{"type":"subscribe","topic":"event:{EVENT}","id":"r1"}}"#
+        ))
+        .unwrap();
+        assert_eq!(r.kind, RequestKind::Subscribe);
+        assert_eq!(r.topic(), format!("event:{EVENT}"));
+        assert_eq!(r.id.as_deref(), Some("r1"));
+        let r = parse(&format!(
+            r#"{{"topic":"event:{EVENT}","type":"unsubscribe"}}"#
+        ))
+        .unwrap();
+        assert_eq!((r.kind, r.id), (RequestKind::Unsubscribe, None));
+    }
+
+    #[test]
+    fn rejects_everything_else() {
+        let topic = format!("event:{EVENT}");
+        let bad = [
+            "nope".to_owned(),
+            "[]".to_owned(),
+            format!(r#"{{"topic":"{topic}"}}"#),
+            r#"{"type":"subscribe"}"#.to_owned(),
+            format!(r#"{{"type":"publish","topic":"{topic}","id":"x"}}"#),
+            format!(r#"{{"type":"subscribe","topic":"{topic}","id":7}}"#),
+            format!(r#"{{"type":"subscribe","topic":"{topic}","extra":true}}"#),
+            format!(
+                r#"{{"type":"subscribe","topic":"{topic}","id":"{}"}}"#,
+                "x".repeat(129)
+            ),
+        ];
+        for frame in &bad {
+            let e = parse(frame).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{frame}");
+        }
+        let e = parse(r#"{"type":"publish","topic":"t","id":"x"}"#).unwrap_err();
+        assert_eq!(
+            (e.topic.as_deref(), e.id.as_deref()),
+            (Some("t"), Some("x"))
+        );
+        for topic in ["device:1", "event:not-a-uuid", "event:"] {
+            let e = parse(&format!(
+                r#"{{"type":"subscribe","topic":"{topic}","id":"q"}}"#
+            ))
+            .unwrap_err();
+            assert_eq!(e.code, ErrorCode::UnknownTopic);
+            assert_eq!(e.topic.as_deref(), Some(topic));
+        }
+    }
+
+    #[test]
+    fn writes_messages() {
+        let event = Uuid::parse_str(EVENT).unwrap();
+        let topic = topic_of(event);
+        let bodies: [&[u8]; 2] = [
+            br#""deviceId":"1","lat":1,"lon":2,"ts":3}"#,
+            br#""deviceId":"2","lat":1,"lon":2,"ts":3}"#,
+        ];
+        let msg = subscribed(&topic, Some("r1"), bodies.iter().copied());
+        let v: serde_json::Value = serde_json::from_slice(&msg).unwrap();
+        assert_eq!(v["type"], "subscribed");
+        assert_eq!(v["id"], "r1");
+        assert_eq!(v["snapshot"][1]["deviceId"], "2");
+        let msg = subscribed(&topic, None, std::iter::empty());
+        assert_eq!(
+            &msg[..],
+            format!(r#"{{"type":"subscribed","topic":"{topic}","snapshot":[]}}"#).as_bytes()
+        );
+        let msg = position(&position_prefix(event), bodies[0]);
+        assert_eq!(
+            &msg[..],
+            format!(
+                r#"{{"type":"position","topic":"{topic}","deviceId":"1","lat":1,"lon":2,"ts":3}}"#
+            )
+            .as_bytes()
+        );
+        let e = error(&ErrorReply {
+            code: ErrorCode::Forbidden,
+            topic: Some(topic.clone()),
+            id: Some("r\"1".into()),
+            message: "no",
+        });
+        let v: serde_json::Value = serde_json::from_slice(&e).unwrap();
+        assert_eq!(
+            (v["code"].as_str(), v["id"].as_str()),
+            (Some("forbidden"), Some("r\"1"))
+        );
+    }
+}
