@@ -16,9 +16,11 @@
 
 pub mod auth;
 pub mod broadcast;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod consumer;
+pub mod dev;
 pub mod devices;
 pub mod directus;
 pub mod filter;

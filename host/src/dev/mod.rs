@@ -1,0 +1,8 @@
+//! Development tools: the demo, a terminal client, the dev schema and the
+//! **development-only** Directus stand-in. Nothing here runs in
+//! `livecast serve`.
+
+pub mod demo;
+pub mod directus_standin;
+pub mod schema;
+pub mod watch;
