@@ -52,8 +52,10 @@ impl Consumer {
     /// then removes the group (it only ever served this instance).
     pub async fn run(self, batches: mpsc::Sender<Vec<StreamEntry>>, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        let mut first = true;
         loop {
-            let result = self.session(&batches, &cancel, &mut backoff).await;
+            let result = self.session(&batches, &cancel, &mut backoff, first).await;
+            first = false;
             self.set_ready(false);
             match result {
                 Ok(()) => break,
@@ -82,6 +84,7 @@ impl Consumer {
         batches: &mpsc::Sender<Vec<StreamEntry>>,
         cancel: &CancellationToken,
         backoff: &mut Duration,
+        first: bool,
     ) -> Result<(), RedisError> {
         // A blocking read on a connection of its own, with a response timeout
         // longer than the BLOCK (redis-rs applies its default of 500 ms to
@@ -93,7 +96,7 @@ impl Consumer {
             .client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await?;
-        self.ensure_group(&mut conn).await?;
+        self.ensure_group(&mut conn, first).await?;
         self.set_ready(true);
         *backoff = Duration::from_millis(100);
 
@@ -119,7 +122,7 @@ impl Consumer {
                 Ok(v) => parse_read_reply(v),
                 Err(e) if e.code() == Some("NOGROUP") => {
                     tracing::warn!(group = %c.group, "consumer group vanished; creating it again");
-                    self.ensure_group(&mut conn).await?;
+                    self.ensure_group(&mut conn, false).await?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -130,9 +133,16 @@ impl Consumer {
         }
     }
 
-    /// Creates the group at the stream's end, or moves an existing one (left
-    /// by an earlier run of this instance) there.
-    async fn ensure_group(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+    /// Creates the group at the stream's end. At start-up an existing group
+    /// (left by an earlier run of this instance) is moved there too: live
+    /// only, no replay. After a reconnect it is kept where it was, so what
+    /// arrived during a short outage is still delivered (stale positions are
+    /// dropped downstream).
+    async fn ensure_group(
+        &self,
+        conn: &mut MultiplexedConnection,
+        at_start: bool,
+    ) -> Result<(), RedisError> {
         let c = &self.config;
         let exists: bool = redis::cmd("EXISTS")
             .arg(&c.stream)
@@ -151,6 +161,7 @@ impl Consumer {
             .await;
         match created {
             Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") && !at_start => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {
                 redis::cmd("XGROUP")
                     .arg("SETID")

@@ -241,6 +241,15 @@ impl Outbox {
         }
     }
 
+    /// Positions waiting to be sent (at most one per topic and device).
+    pub fn pending_positions(&self) -> usize {
+        self.lock()
+            .slots
+            .values()
+            .filter(|s| s.pending.is_some())
+            .count()
+    }
+
     /// Waits until something may have been queued.
     pub async fn wait(&self) {
         self.notify.notified().await

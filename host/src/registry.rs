@@ -159,6 +159,18 @@ impl Registry {
         removed
     }
 
+    /// The largest number of positions any subscriber has waiting.
+    pub fn max_pending_positions(&self) -> usize {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .topics
+            .values()
+            .flat_map(|t| t.subscribers())
+            .map(|o| o.pending_positions())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Active subscriptions, all connections together.
     pub fn subscriptions(&self) -> usize {
         self.inner

@@ -136,6 +136,11 @@ impl Host {
         self.shared.metrics.clone()
     }
 
+    /// A read-only view of the running host's state, for tests and tools.
+    pub fn inspector(&self) -> Inspector {
+        Inspector(self.shared.clone())
+    }
+
     /// Serves until `shutdown` completes, then stops accepting, closes every
     /// client with 1001, gives them `LIVE_WS_DRAIN_TIMEOUT_MS` to drain, and
     /// returns.
@@ -149,6 +154,8 @@ impl Host {
         } = self;
         let config = &shared.config;
         let background = CancellationToken::new();
+        let ws_addr = ws_listener.local_addr()?;
+        let ops_addr = metrics_listener.local_addr()?;
 
         let stream = StreamConfig {
             stream: config.redis_telemetry_stream.clone(),
@@ -210,11 +217,7 @@ impl Host {
         let ops_server = axum::serve(metrics_listener, ops_app)
             .with_graceful_shutdown(background.clone().cancelled_owned());
         let ops_server = tokio::spawn(async move { ops_server.await });
-        tracing::info!(
-            ws = %SocketAddr::new(config.live_ws_host, config.live_ws_port),
-            metrics = %SocketAddr::new(config.metrics_host, config.metrics_port),
-            "livecast is serving"
-        );
+        tracing::info!(ws = %ws_addr, metrics = %ops_addr, "livecast is serving");
 
         shutdown.await;
         tracing::info!(
@@ -239,6 +242,27 @@ impl Host {
         let _ = ops_server.await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Looks inside a running host.
+#[derive(Clone)]
+pub struct Inspector(Arc<Shared>);
+
+impl Inspector {
+    /// The largest number of positions any connection has queued.
+    pub fn max_pending_positions(&self) -> usize {
+        self.0.registry.max_pending_positions()
+    }
+
+    /// Active subscriptions.
+    pub fn subscriptions(&self) -> usize {
+        self.0.registry.subscriptions()
+    }
+
+    /// Whether the stream consumer is connected with its group in place.
+    pub fn redis_ready(&self) -> bool {
+        self.0.redis_ready.load(Ordering::Relaxed)
     }
 }
 

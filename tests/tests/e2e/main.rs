@@ -1,0 +1,11 @@
+//! End-to-end tests of the live channel: a real host in this process (or as
+//! a real process where signals matter), real Redis, real PostgreSQL, real
+//! WebSocket clients, and the Directus stand-in.
+
+mod auth;
+mod lifecycle;
+mod outage;
+mod plan;
+mod slow;
+mod stream;
+mod subscribe;

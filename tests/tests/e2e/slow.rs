@@ -1,0 +1,210 @@
+//! Slow clients: always fresh, not always delivered (live-ws.md §6).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use livecast::metrics::Metrics;
+use livecast_tests::*;
+use serde_json::{Value, json};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+/// A client with a tiny receive buffer, so that a host writing to it blocks
+/// after a few kilobytes once it stops reading.
+async fn narrow_client(ws_url: &str, token: &str) -> WebSocketStream<TcpStream> {
+    let addr = ws_url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws-live")
+        .parse()
+        .expect("addr");
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(addr).await.expect("connect");
+    let mut req = ws_url.into_client_request().expect("req");
+    req.headers_mut()
+        .insert("cookie", cookie(token).parse().expect("cookie"));
+    let (ws, _) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .expect("upgrade");
+    ws
+}
+
+async fn subscribe_narrow(ws: &mut WebSocketStream<TcpStream>, event: uuid::Uuid) {
+    use futures_util::SinkExt;
+    let frame = json!({"type": "subscribe", "topic": format!("event:{event}"), "id": "s"});
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .expect("send");
+    loop {
+        if let Some(Ok(Message::Text(t))) = ws.next().await {
+            let v: Value = serde_json::from_str(&t).expect("json");
+            if v["type"] == "subscribed" {
+                return;
+            }
+        }
+    }
+}
+
+fn big_payload(imei: &str, ts: i64) -> Value {
+    let mut p = payload(imei, ts, 41.0, 19.0);
+    // Large IO attributes fill socket buffers quickly.
+    p["attributes"]["10000"] = json!({"__buffer_b64": "A".repeat(8 * 1024)});
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_stays_bounded_while_others_get_everything() {
+    const DEVICES: usize = 10;
+    const ROUNDS: i64 = 150;
+    let env = TestEnv::new().await;
+    let imeis: Vec<String> = (0..DEVICES).map(|i| format!("35630704244{i:04}")).collect();
+    let refs: Vec<&str> = imeis.iter().map(String::as_str).collect();
+    let event = env.event(&refs).await;
+    env.user("u", None, &[event]);
+    let mut config = env.config();
+    config.live_ws_slow_client_timeout_ms = 60_000;
+    let host = env.start_host_with(config).await;
+
+    let mut stuck = narrow_client(&host.ws_url, "u").await;
+    subscribe_narrow(&mut stuck, event).await;
+    let mut fast = host.connect(&cookie("u")).await;
+    fast.subscribe(event, "f").await;
+    let reader = tokio::spawn(async move {
+        let mut seen: HashMap<String, Vec<i64>> = HashMap::new();
+        let expected = DEVICES * ROUNDS as usize;
+        let mut total = 0;
+        while total < expected {
+            let Some(p) = fast.next_within(Duration::from_secs(5)).await else {
+                break;
+            };
+            if p["type"] == "position" {
+                let ts = p["ts"].as_i64().unwrap_or_default();
+                seen.entry(p["deviceId"].as_str().unwrap_or_default().to_owned())
+                    .or_default()
+                    .push(ts);
+                total += 1;
+            }
+        }
+        seen
+    });
+
+    let t0 = now_ms();
+    let mut max_pending = 0;
+    for round in 0..ROUNDS {
+        for imei in &imeis {
+            env.publish(&big_payload(imei, t0 + round)).await;
+        }
+        max_pending = max_pending.max(host.inspector.max_pending_positions());
+    }
+    let seen = reader.await.expect("reader");
+    for imei in &imeis {
+        let got = seen.get(imei).cloned().unwrap_or_default();
+        let want: Vec<i64> = (0..ROUNDS).map(|r| t0 + r).collect();
+        assert_eq!(
+            got, want,
+            "the reading client gets every position of {imei}, in order"
+        );
+    }
+    assert!(
+        max_pending <= DEVICES,
+        "a stuck client holds one position per device at most, saw {max_pending}"
+    );
+    assert!(
+        host.metrics.conflated.get() > 0,
+        "the stuck client's positions were conflated"
+    );
+    assert_eq!(host.metrics.connections.get(), 2, "shedding is not closing");
+
+    // When it finally reads, it gets the newest position of every device.
+    let mut last: HashMap<String, i64> = HashMap::new();
+    while let Ok(Some(Ok(msg))) =
+        tokio::time::timeout(Duration::from_millis(500), stuck.next()).await
+    {
+        if let Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).expect("json");
+            if v["type"] == "position" {
+                last.insert(
+                    v["deviceId"].as_str().unwrap_or_default().to_owned(),
+                    v["ts"].as_i64().unwrap_or_default(),
+                );
+            }
+        }
+    }
+    for imei in &imeis {
+        assert_eq!(
+            last.get(imei),
+            Some(&(t0 + ROUNDS - 1)),
+            "{imei} drains to its newest position"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_blocked_past_the_timeout_is_closed_with_1008() {
+    let env = TestEnv::new().await;
+    let event = env.event(&["356307042440000"]).await;
+    env.user("u", None, &[event]);
+    let mut config = env.config();
+    config.live_ws_slow_client_timeout_ms = 300;
+    let host = env.start_host_with(config).await;
+    let mut stuck = narrow_client(&host.ws_url, "u").await;
+    subscribe_narrow(&mut stuck, event).await;
+
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    let mut ts = now_ms();
+    while Metrics::count(&host.metrics.closes, "reason", "slow_client") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the host closes a client stuck past its timeout"
+        );
+        ts += 1;
+        env.publish(&big_payload("356307042440000", ts)).await;
+    }
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(5), stuck.next()).await {
+            Ok(Some(Ok(Message::Close(Some(CloseFrame { code, .. }))))) => {
+                break Some(u16::from(code));
+            }
+            Ok(Some(Ok(_))) => continue,
+            _ => break None,
+        }
+    };
+    assert_eq!(code, Some(1008));
+}
+
+#[tokio::test]
+async fn pings_flow_and_a_silent_peer_is_dropped() {
+    let env = TestEnv::new().await;
+    let event = env.event(&["356307042440000"]).await;
+    env.user("u", None, &[event]);
+    let mut config = env.config();
+    config.live_ws_ping_interval_ms = 150;
+    let host = env.start_host_with(config).await;
+
+    // A client that reads answers pings (tungstenite does it) and stays.
+    let mut live = host.connect(&cookie("u")).await;
+    let mut pings = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, live.ws.next()).await {
+        if matches!(msg, Message::Ping(_)) {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 3, "pings every interval, saw {pings}");
+
+    // A client that never reads never answers: dropped after two intervals.
+    let _silent = host.connect(&cookie("u")).await;
+    assert!(
+        eventually(|| async { Metrics::count(&host.metrics.closes, "reason", "silent") == 1 })
+            .await
+    );
+    assert_eq!(
+        host.metrics.connections.get(),
+        1,
+        "the live client is still connected"
+    );
+}
