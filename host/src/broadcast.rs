@@ -1,36 +1,75 @@
 //! The record path, one batch at a time, on a thread of its own:
 //!
 //! ```text
-//! stream batch → decode → filter chain → latest → route → outboxes
+//! stream batch → decode → filter chain (record stage) → latest → route
+//!              → [delivery stage, per audience] → outboxes
 //! ```
 //!
 //! It is synchronous on purpose: nothing here waits on I/O (the consumer
 //! task reads Redis, the connections write sockets), and a plugin call is CPU
 //! work that must not stall the async runtime. Each record is decoded once,
-//! its body serialized once, its message built once per topic and shared by
-//! reference with every subscriber of that topic.
+//! its body serialized once, its message built once per topic (or once per
+//! audience a delivery plugin changed it for) and shared by reference with
+//! every subscriber.
+//!
+//! The thread owns the filter chain, so it also runs the chain over
+//! snapshots (so a subscriber sees at subscribe time what the same rules let
+//! through live) and swaps in a reloaded chain between two batches.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use rustc_hash::FxHashMap;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::devices::DeviceMap;
-use crate::filter::{Chain, Record};
-use crate::latest::{LatestPositions, Observed};
+use crate::filter::{AudienceRef, Chain, Decided, Record};
+use crate::latest::{Latest, LatestPositions, Observed};
 use crate::metrics::Metrics;
 use crate::outbox::Pushed;
 use crate::protocol;
 use crate::ratelimit::LogLimiter;
 use crate::record::{Malformed, Position};
-use crate::registry::Registry;
+use crate::registry::{Identity, Registry, Topic};
 
 /// One stream entry as read: its id and its `payload` field, if any.
 #[derive(Debug)]
 pub struct StreamEntry {
     pub id: String,
     pub payload: Option<Vec<u8>>,
+}
+
+/// What the record path is asked to do.
+pub enum Work {
+    /// A batch read from the stream.
+    Batch(Vec<StreamEntry>),
+    /// A reloaded chain, to use from the next batch on.
+    Swap(Box<Chain>),
+    /// Run the chain over a snapshot.
+    Snapshot(SnapshotJob),
+    /// The host is stopping.
+    Stop,
+}
+
+/// A snapshot to pass through the chain for one subscriber.
+pub struct SnapshotJob {
+    pub topic: String,
+    pub identity: Arc<Identity>,
+    /// Rows from the database, as stream payloads; not yet filtered.
+    pub from_database: Vec<Bytes>,
+    /// The host's latest positions of the event's devices; already through
+    /// the record stage.
+    pub from_memory: Vec<(Box<str>, Latest)>,
+    pub reply: oneshot::Sender<Vec<SnapshotEntry>>,
+}
+
+/// One device's snapshot entry.
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
+    pub device: Box<str>,
+    pub ts_ms: i64,
+    pub body: Bytes,
 }
 
 /// What the record path needs of the host.
@@ -57,6 +96,26 @@ struct Tally {
     conflated: u64,
 }
 
+impl Tally {
+    fn pushed(&mut self, p: Pushed) {
+        match p {
+            Pushed::Queued => self.deliveries += 1,
+            Pushed::Conflated => {
+                self.deliveries += 1;
+                self.conflated += 1;
+            }
+            Pushed::Stale | Pushed::Closed => {}
+        }
+    }
+}
+
+/// A (record, topic, audience) the delivery stage decides on.
+struct Pair<'v> {
+    record: usize,
+    topic: &'v Topic,
+    audience: usize,
+}
+
 impl Broadcaster {
     pub fn new(
         chain: Chain,
@@ -78,10 +137,15 @@ impl Broadcaster {
         }
     }
 
-    /// Runs until the consumer hangs up.
-    pub fn run(mut self, mut batches: mpsc::Receiver<Vec<StreamEntry>>) {
-        while let Some(batch) = batches.blocking_recv() {
-            self.process(batch);
+    /// Runs until told to stop (or every sender is gone).
+    pub fn run(mut self, mut work: mpsc::Receiver<Work>) {
+        while let Some(w) = work.blocking_recv() {
+            match w {
+                Work::Batch(batch) => self.process(batch),
+                Work::Swap(chain) => self.chain = *chain,
+                Work::Snapshot(job) => self.snapshot(job),
+                Work::Stop => return,
+            }
         }
     }
 
@@ -91,7 +155,7 @@ impl Broadcaster {
         let mut records = std::mem::take(&mut self.records);
         records.clear();
         for entry in batch {
-            match self.decode(entry) {
+            match decode(entry) {
                 Ok(r) => records.push(r),
                 Err((id, why)) => self.skip(&id, why),
             }
@@ -107,11 +171,15 @@ impl Broadcaster {
             records
                 .iter()
                 .zip(&bodies)
-                .map(|(r, b)| (&*r.position.device, r.position.ts_ms, b)),
+                .map(|(r, b)| (&*r.position.device, r.position.ts_ms, b, &r.payload)),
             &mut observed,
         );
 
-        let tally = self.route(&records, &bodies, &observed);
+        let tally = if self.chain.has_delivery() {
+            self.route_per_audience(&records, &bodies, &observed)
+        } else {
+            self.route(&records, &bodies, &observed)
+        };
         let m = &self.metrics;
         m.records_stale.inc_by(tally.stale);
         m.records_unrouted.inc_by(tally.unrouted);
@@ -124,16 +192,6 @@ impl Broadcaster {
         self.observed = observed;
     }
 
-    fn decode(&self, entry: StreamEntry) -> Result<Record, (String, Malformed)> {
-        let Some(payload) = entry.payload else {
-            return Err((entry.id, Malformed::NoPayload));
-        };
-        match Position::decode(&payload) {
-            Ok(position) => Ok(Record { payload, position }),
-            Err(why) => Err((entry.id, why)),
-        }
-    }
-
     fn skip(&mut self, id: &str, why: Malformed) {
         crate::metrics::inc(&self.metrics.records_malformed, "reason", why.label());
         if let Some(held_back) = self.malformed_log.allow() {
@@ -141,17 +199,16 @@ impl Broadcaster {
         }
     }
 
+    /// Without a delivery stage: one message per (record, topic), the same
+    /// bytes for every subscriber.
     fn route(&self, records: &[Record], bodies: &[Bytes], observed: &[Observed]) -> Tally {
         let mut t = Tally::default();
         let devices = self.devices.current();
         let registry = self.registry.view();
         for ((record, body), seen) in records.iter().zip(bodies).zip(observed) {
-            let device = match *seen {
-                Observed::Newer(d) => d,
-                Observed::Stale => {
-                    t.stale += 1;
-                    continue;
-                }
+            let Observed::Newer(device) = *seen else {
+                t.stale += 1;
+                continue;
             };
             let events = devices.events_of(&record.position.device);
             if events.is_empty() {
@@ -166,20 +223,186 @@ impl Broadcaster {
                 reached = true;
                 let msg = protocol::position(&topic.prefix, body);
                 for outbox in topic.subscribers() {
-                    match outbox.push_position(topic.idx, device, record.position.ts_ms, &msg) {
-                        Pushed::Queued => t.deliveries += 1,
-                        Pushed::Conflated => {
-                            t.deliveries += 1;
-                            t.conflated += 1;
-                        }
-                        Pushed::Stale | Pushed::Closed => {}
-                    }
+                    t.pushed(outbox.push_position(topic.idx, device, record.position.ts_ms, &msg));
                 }
             }
-            if reached {
-                t.routed += 1;
+            t.routed += u64::from(reached);
+        }
+        t
+    }
+
+    /// With a delivery stage: the chain decides per (record, audience), in
+    /// one call per plugin for the whole batch. Audiences the chain passes
+    /// share the topic's message; a replacement is serialized once for its
+    /// audience.
+    fn route_per_audience(
+        &mut self,
+        records: &[Record],
+        bodies: &[Bytes],
+        observed: &[Observed],
+    ) -> Tally {
+        let mut t = Tally::default();
+        let devices = self.devices.current();
+        let registry = self.registry.view();
+        let mut pairs: Vec<Pair<'_>> = Vec::new();
+        for (i, (record, seen)) in records.iter().zip(observed).enumerate() {
+            if *seen == Observed::Stale {
+                t.stale += 1;
+                continue;
+            }
+            let events = devices.events_of(&record.position.device);
+            if events.is_empty() {
+                t.unrouted += 1;
+                continue;
+            }
+            let mut reached = false;
+            for event in events {
+                let Some(topic) = registry.topic(event) else {
+                    continue;
+                };
+                reached = true;
+                pairs.extend((0..topic.audiences.len()).map(|audience| Pair {
+                    record: i,
+                    topic,
+                    audience,
+                }));
+            }
+            t.routed += u64::from(reached);
+        }
+        if pairs.is_empty() {
+            return t;
+        }
+
+        // Number the distinct audiences of the batch for the plugins.
+        let mut audience_index: FxHashMap<(u32, usize), u32> = FxHashMap::default();
+        let mut audiences: Vec<AudienceRef<'_>> = Vec::new();
+        let mut abi_pairs = Vec::with_capacity(pairs.len());
+        for p in &pairs {
+            let a = *audience_index
+                .entry((p.topic.idx, p.audience))
+                .or_insert_with(|| {
+                    let id = &p.topic.audiences[p.audience].identity;
+                    audiences.push(AudienceRef {
+                        topic: &p.topic.name,
+                        role: &id.role,
+                        user_id: &id.user_id,
+                    });
+                    (audiences.len() - 1) as u32
+                });
+            abi_pairs.push((p.record as u32, a));
+        }
+        let payloads: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
+        let decided = self.chain.deliver(&payloads, &audiences, &abi_pairs);
+
+        let mut shared: Option<(usize, u32, Bytes)> = None;
+        for (p, d) in pairs.iter().zip(decided) {
+            let Observed::Newer(device) = observed[p.record] else {
+                continue;
+            };
+            let (msg, ts) = match d {
+                Decided::Drop => continue,
+                Decided::Pass => {
+                    let msg = match &shared {
+                        Some((r, topic, m)) if *r == p.record && *topic == p.topic.idx => m.clone(),
+                        _ => {
+                            let m = protocol::position(&p.topic.prefix, &bodies[p.record]);
+                            shared = Some((p.record, p.topic.idx, m.clone()));
+                            m
+                        }
+                    };
+                    (msg, records[p.record].position.ts_ms)
+                }
+                Decided::Replace(_, position) => (
+                    protocol::position(&p.topic.prefix, &position.body()),
+                    position.ts_ms,
+                ),
+            };
+            for (_, outbox) in &p.topic.audiences[p.audience].members {
+                t.pushed(outbox.push_position(p.topic.idx, device, ts, &msg));
             }
         }
         t
+    }
+
+    /// Passes a snapshot through the chain: the record stage over database
+    /// rows (memory entries went through it live), the newest of database
+    /// and memory per device, then the delivery stage for the subscriber.
+    fn snapshot(&mut self, job: SnapshotJob) {
+        let mut from_db: Vec<Record> = Vec::with_capacity(job.from_database.len());
+        for payload in job.from_database {
+            match Position::decode(&payload) {
+                Ok(position) => from_db.push(Record { payload, position }),
+                Err(why) => {
+                    self.metrics.snapshot_bad_rows.inc();
+                    if let Some(held_back) = self.malformed_log.allow() {
+                        tracing::warn!(reason = %why, held_back, "left a database row out of a snapshot: it is not a valid position");
+                    }
+                }
+            }
+        }
+        self.chain.filter(&mut from_db);
+        let mut newest: FxHashMap<Box<str>, Latest> = FxHashMap::default();
+        let db = from_db.into_iter().map(|r| {
+            let latest = Latest {
+                ts_ms: r.position.ts_ms,
+                body: r.position.body(),
+                payload: r.payload,
+            };
+            (r.position.device, latest)
+        });
+        for (device, l) in db.chain(job.from_memory) {
+            match newest.get(&device) {
+                Some(have) if have.ts_ms >= l.ts_ms => {}
+                _ => {
+                    newest.insert(device, l);
+                }
+            }
+        }
+        let mut entries: Vec<(Box<str>, Latest)> = newest.into_iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+
+        let decided = if self.chain.has_delivery() && !entries.is_empty() {
+            let payloads: Vec<&[u8]> = entries.iter().map(|(_, l)| &l.payload[..]).collect();
+            let audience = [AudienceRef {
+                topic: &job.topic,
+                role: &job.identity.role,
+                user_id: &job.identity.user_id,
+            }];
+            let pairs: Vec<(u32, u32)> = (0..entries.len() as u32).map(|i| (i, 0)).collect();
+            self.chain.deliver(&payloads, &audience, &pairs)
+        } else {
+            vec![Decided::Pass; entries.len()]
+        };
+        let entries = entries
+            .into_iter()
+            .zip(decided)
+            .filter_map(|((device, l), d)| match d {
+                Decided::Drop => None,
+                Decided::Pass => Some(SnapshotEntry {
+                    device,
+                    ts_ms: l.ts_ms,
+                    body: l.body,
+                }),
+                Decided::Replace(_, p) => Some(SnapshotEntry {
+                    body: p.body(),
+                    ts_ms: p.ts_ms,
+                    device: p.device,
+                }),
+            })
+            .collect();
+        let _ = job.reply.send(entries);
+    }
+}
+
+fn decode(entry: StreamEntry) -> Result<Record, (String, Malformed)> {
+    let Some(payload) = entry.payload else {
+        return Err((entry.id, Malformed::NoPayload));
+    };
+    match Position::decode(&payload) {
+        Ok(position) => Ok(Record {
+            payload: Bytes::from(payload),
+            position,
+        }),
+        Err(why) => Err((entry.id, why)),
     }
 }

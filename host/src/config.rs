@@ -121,6 +121,10 @@ pub struct Config {
     #[arg(long, env = "LIVE_FILTER_CHAIN")]
     pub live_filter_chain: Option<PathBuf>,
 
+    /// How often the chain file (and the modules it names) is checked for changes.
+    #[arg(long, env = "LIVE_FILTER_RELOAD_POLL_MS", default_value_t = 1_000, value_parser = positive_ms)]
+    pub live_filter_reload_poll_ms: u64,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
@@ -182,6 +186,9 @@ impl Config {
     }
     pub fn device_refresh(&self) -> Duration {
         Duration::from_millis(self.live_device_event_refresh_ms)
+    }
+    pub fn filter_reload_poll(&self) -> Duration {
+        Duration::from_millis(self.live_filter_reload_poll_ms)
     }
     pub fn snapshot_timeout(&self) -> Duration {
         Duration::from_millis(self.live_snapshot_timeout_ms)

@@ -59,6 +59,9 @@ enum End {
     /// Socket blocked past the slow-client timeout, or control backlog over
     /// its limit: 1008.
     Slow,
+    /// Directus no longer accepts the connection's session (401 at
+    /// subscribe): 1008, so the client reconnects with its fresh session.
+    SessionExpired,
 }
 
 impl End {
@@ -69,6 +72,7 @@ impl End {
             End::Binary => Some((1003, "binary frames are not supported")),
             End::TooLarge => Some((1009, "frame too large")),
             End::Slow => Some((1008, "client too slow")),
+            End::SessionExpired => Some((1008, "session expired")),
         }
     }
 
@@ -80,6 +84,7 @@ impl End {
             End::Binary => "binary_frame",
             End::TooLarge => "frame_too_large",
             End::Slow => "slow_client",
+            End::SessionExpired => "session_expired",
         }
     }
 }
@@ -89,6 +94,7 @@ enum Done {
     Added(Uuid),
     Removed(Uuid),
     Unchanged,
+    SessionExpired,
 }
 
 type InFlight = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -125,6 +131,11 @@ pub async fn serve(
     let metrics = shared.metrics.clone();
     metrics.connections.inc();
     tracing::debug!(conn = id, user = %user.id, "connected");
+    if user.role.is_none() {
+        // Directus leaves `role` out of /users/me unless the user's policy may
+        // read it; delivery-stage plugins then see an empty role.
+        tracing::debug!(conn = id, user = %user.id, "Directus gave no role for this user");
+    }
     let identity = Arc::new(Identity {
         role: user.role.unwrap_or_default().into(),
         user_id: user.id.into(),
@@ -225,10 +236,14 @@ impl Conn {
                         Done::Added(e) => { self.subscriptions.insert(e); }
                         Done::Removed(e) => { self.subscriptions.remove(&e); }
                         Done::Unchanged => {}
+                        Done::SessionExpired => return End::SessionExpired,
                     }
                 }
                 _ = ping.tick() => {
-                    if last_seen.elapsed() >= interval * 2 {
+                    // While its requests pile up the socket is not read, so
+                    // the client's pongs cannot count: not its silence.
+                    let reading = self.queue.len() < MAX_QUEUED_REQUESTS;
+                    if reading && last_seen.elapsed() >= interval * 2 {
                         return End::Silent;
                     }
                     match tokio::time::timeout(slow, ws.send(Message::Ping(Bytes::new()))).await {
@@ -261,9 +276,15 @@ impl Conn {
                 if self.shared.registry.unsubscribe(req.event, self.id) {
                     self.shared.metrics.subscriptions.dec();
                 }
-                let idx = self.shared.registry.topic_idx(req.event);
                 let reply = protocol::unsubscribed(&topic, req.id.as_deref());
-                self.outbox.remove_topic(idx, Some(reply));
+                // A topic never subscribed has no index (and gets none: an
+                // unsubscribe is not authorized, so it must not grow state).
+                match self.shared.registry.existing_topic_idx(req.event) {
+                    Some(idx) => self.outbox.remove_topic(idx, Some(reply)),
+                    None => {
+                        self.outbox.push_control(reply);
+                    }
+                }
             }
             RequestKind::Subscribe => {
                 let max = self.shared.config.live_ws_max_subscriptions as usize;
@@ -368,17 +389,20 @@ async fn subscribe(
             refuse(ErrorCode::NotFound, "no such event");
             true
         }
+        Authz::SessionExpired => return Done::SessionExpired,
     };
-    let idx = shared.registry.topic_idx(req.event);
     if revoked {
         // A user who lost access to a topic they hold loses the subscription.
         if held && shared.registry.unsubscribe(req.event, conn) {
             m.subscriptions.dec();
-            outbox.remove_topic(idx, None);
+            if let Some(idx) = shared.registry.existing_topic_idx(req.event) {
+                outbox.remove_topic(idx, None);
+            }
             return Done::Removed(req.event);
         }
         return Done::Unchanged;
     }
+    let idx = shared.registry.topic_idx(req.event);
 
     outbox.hold(idx);
     if shared
@@ -388,15 +412,15 @@ async fn subscribe(
         m.subscriptions.inc();
     }
     let devices = shared.devices.current();
-    let snap = snapshot::build(
-        req.event,
-        &shared.db,
-        shared.config.snapshot_timeout(),
-        &devices,
-        &shared.latest,
-        m,
-    )
-    .await;
+    let sources = snapshot::Sources {
+        db: &shared.db,
+        timeout: shared.config.snapshot_timeout(),
+        devices: &devices,
+        latest: &shared.latest,
+        work: &shared.work,
+        metrics: m,
+    };
+    let snap = snapshot::build(req.event, &topic, &identity, sources).await;
     let floors: Vec<_> = snap.entries.iter().map(|e| (e.device, e.ts_ms)).collect();
     let msg = protocol::subscribed(
         &topic,

@@ -16,7 +16,7 @@ use redis::{AsyncConnectionConfig, RedisError, Value, aio::MultiplexedConnection
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broadcast::StreamEntry;
+use crate::broadcast::{StreamEntry, Work};
 use crate::metrics::{Metrics, inc};
 
 /// Where and how to read.
@@ -50,7 +50,7 @@ fn kind(e: &RedisError) -> &'static str {
 impl Consumer {
     /// Reads until cancelled, reconnecting with backoff when Redis goes away,
     /// then removes the group (it only ever served this instance).
-    pub async fn run(self, batches: mpsc::Sender<Vec<StreamEntry>>, cancel: CancellationToken) {
+    pub async fn run(self, batches: mpsc::Sender<Work>, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         let mut first = true;
         loop {
@@ -81,7 +81,7 @@ impl Consumer {
     /// One connection's life. `Ok` means cancelled or the record path is gone.
     async fn session(
         &self,
-        batches: &mpsc::Sender<Vec<StreamEntry>>,
+        batches: &mpsc::Sender<Work>,
         cancel: &CancellationToken,
         backoff: &mut Duration,
         first: bool,
@@ -127,7 +127,7 @@ impl Consumer {
                 }
                 Err(e) => return Err(e),
             };
-            if !batch.is_empty() && batches.send(batch).await.is_err() {
+            if !batch.is_empty() && batches.send(Work::Batch(batch)).await.is_err() {
                 return Ok(());
             }
         }

@@ -80,6 +80,9 @@ pub enum Authz {
     Allowed,
     Forbidden,
     NotFound,
+    /// The connection's session is no longer valid (401): the client must
+    /// reconnect with a fresh one.
+    SessionExpired,
     /// Directus failed, timed out or answered something unexpected.
     Error,
 }
@@ -90,6 +93,7 @@ impl Authz {
             Authz::Allowed => "ok",
             Authz::Forbidden => "forbidden",
             Authz::NotFound => "not_found",
+            Authz::SessionExpired => "session_expired",
             Authz::Error => "error",
         }
     }
@@ -203,6 +207,7 @@ impl Directus {
                 StatusCode::OK => Authz::Allowed,
                 StatusCode::FORBIDDEN => Authz::Forbidden,
                 StatusCode::NOT_FOUND => Authz::NotFound,
+                StatusCode::UNAUTHORIZED => Authz::SessionExpired,
                 _ => Authz::Error,
             },
         };

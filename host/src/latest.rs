@@ -14,11 +14,13 @@ use rustc_hash::FxHashMap;
 /// A device's index, stable for the life of the process.
 pub type DeviceIdx = u32;
 
-/// A device's latest position: fix time and wire body.
+/// A device's latest position: fix time, wire body, and the payload the
+/// filter chain passed (the delivery stage of a snapshot needs it).
 #[derive(Debug, Clone)]
 pub struct Latest {
     pub ts_ms: i64,
     pub body: Bytes,
+    pub payload: Bytes,
 }
 
 #[derive(Default)]
@@ -54,16 +56,16 @@ pub enum Observed {
 }
 
 impl LatestPositions {
-    /// Records a batch of positions under one lock: `(device, ts, body)` in,
-    /// one decision per record out (in `out`, cleared first).
+    /// Records a batch of positions under one lock: `(device, ts, body,
+    /// payload)` in, one decision per record out (in `out`, cleared first).
     pub fn observe<'a>(
         &self,
-        records: impl Iterator<Item = (&'a str, i64, &'a Bytes)>,
+        records: impl Iterator<Item = (&'a str, i64, &'a Bytes, &'a Bytes)>,
         out: &mut Vec<Observed>,
     ) {
         out.clear();
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        for (device, ts_ms, body) in records {
+        for (device, ts_ms, body, payload) in records {
             let idx = inner.intern(device);
             let slot = &mut inner.latest[idx as usize];
             match slot {
@@ -72,6 +74,7 @@ impl LatestPositions {
                     *slot = Some(Latest {
                         ts_ms,
                         body: body.clone(),
+                        payload: payload.clone(),
                     });
                     out.push(Observed::Newer(idx));
                 }
@@ -123,7 +126,13 @@ mod tests {
         let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
         let mut out = Vec::new();
         l.observe(
-            [("d1", 10, &a), ("d1", 5, &b), ("d2", 1, &b), ("d1", 10, &b)].into_iter(),
+            [
+                ("d1", 10, &a, &a),
+                ("d1", 5, &b, &b),
+                ("d2", 1, &b, &b),
+                ("d1", 10, &b, &b),
+            ]
+            .into_iter(),
             &mut out,
         );
         assert_eq!(

@@ -43,11 +43,12 @@ pub struct Metrics {
     pub snapshot_latency_ms: Histogram,
     pub snapshot_size: Histogram,
     pub snapshot_failures: Counter,
+    pub snapshot_bad_rows: Counter,
 
     pub device_map_refreshes: CounterFamily,
     pub device_map_devices: Gauge,
 
-    pub filter: crate::filter::FilterMetrics,
+    pub filter: std::sync::Arc<crate::filter::FilterMetrics>,
 }
 
 fn latency_ms() -> Histogram {
@@ -109,7 +110,7 @@ impl Metrics {
             ),
             closes: reg!(
                 "livecast_closes",
-                "Connections closed by the host, by reason",
+                "Connections closed, by reason (client, silent, shutdown, binary_frame, frame_too_large, slow_client, session_expired)",
                 CounterFamily::default()
             ),
             records_read: reg!(
@@ -172,6 +173,11 @@ impl Metrics {
                 "Entries per snapshot",
                 Histogram::new(exponential_buckets(1.0, 2.0, 12))
             ),
+            snapshot_bad_rows: reg!(
+                "livecast_snapshot_bad_rows",
+                "Snapshot rows left out because they do not decode as a position",
+                Counter::default()
+            ),
             snapshot_failures: reg!(
                 "livecast_snapshot_failures",
                 "Snapshots served from memory because the database failed",
@@ -187,7 +193,7 @@ impl Metrics {
                 "Devices registered to at least one event",
                 Gauge::default()
             ),
-            filter: crate::filter::FilterMetrics::default(),
+            filter: Default::default(),
             registry: Registry::default(),
         };
         m.filter.register(&mut r);

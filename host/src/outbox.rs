@@ -157,11 +157,13 @@ impl Outbox {
             return false;
         }
         let was_empty = inner.is_empty();
-        inner.control_bytes += msg.len();
-        inner.control.push_back(msg);
+        // Only a backlog counts: one large message (a big snapshot) to a
+        // client that reads is not a reason to close it.
         if inner.control_bytes > self.control_limit {
             inner.overflow = true;
         }
+        inner.control_bytes += msg.len();
+        inner.control.push_back(msg);
         if was_empty || inner.overflow {
             self.notify.notify_one();
         }
@@ -319,8 +321,17 @@ mod tests {
     #[test]
     fn control_backlog_limit() {
         let o = Outbox::new(8);
+        assert!(
+            o.push_control(b("a message over the limit")),
+            "one message alone is fine"
+        );
+        assert_eq!(
+            o.drain(&mut Vec::new(), 10),
+            Drained::Frames { more: false }
+        );
         assert!(o.push_control(b("12345")));
-        assert!(!o.push_control(b("67890")));
+        assert!(o.push_control(b("6789")));
+        assert!(!o.push_control(b("x")), "an unread backlog over the limit");
         assert_eq!(o.drain(&mut Vec::new(), 10), Drained::Overflow);
     }
 

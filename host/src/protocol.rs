@@ -82,9 +82,11 @@ struct Frame {
 /// Parses a text frame. Anything that is not exactly a subscribe or
 /// unsubscribe frame is an error reply; nothing else changes.
 pub fn parse(text: &str) -> Result<Request, ErrorReply> {
-    let frame: Frame = match serde_json::from_str(text) {
-        Ok(f) => f,
-        Err(_) => {
+    // serde would also accept a JSON array for a struct; only objects are frames.
+    let object = text.trim_start().starts_with('{');
+    let frame: Frame = match serde_json::from_str(text).ok().filter(|_| object) {
+        Some(f) => f,
+        None => {
             let (topic, id) = echo_fields(text);
             return Err(ErrorReply {
                 code: ErrorCode::BadRequest,
@@ -97,10 +99,10 @@ pub fn parse(text: &str) -> Result<Request, ErrorReply> {
     let bad = |message| ErrorReply {
         code: ErrorCode::BadRequest,
         topic: Some(frame.topic.clone()),
-        id: frame.id.clone().filter(|i| i.len() <= MAX_ID_LEN),
+        id: frame.id.clone().filter(|i| id_fits(i)),
         message,
     };
-    if frame.id.as_ref().is_some_and(|i| i.len() > MAX_ID_LEN) {
+    if frame.id.as_ref().is_some_and(|i| !id_fits(i)) {
         return Err(bad("id is longer than 128 characters"));
     }
     let kind = match frame.kind.as_str() {
@@ -127,6 +129,10 @@ pub fn parse(text: &str) -> Result<Request, ErrorReply> {
     })
 }
 
+fn id_fits(id: &str) -> bool {
+    id.chars().count() <= MAX_ID_LEN
+}
+
 /// Best effort: the `topic` and `id` of a frame that failed strict parsing, so
 /// the client can match the error to its request.
 fn echo_fields(text: &str) -> (Option<String>, Option<String>) {
@@ -136,7 +142,7 @@ fn echo_fields(text: &str) -> (Option<String>, Option<String>) {
     let field = |k: &str| {
         map.get(k)
             .and_then(|v| v.as_str())
-            .filter(|s| s.len() <= MAX_ID_LEN)
+            .filter(|s| id_fits(s))
             .map(str::to_owned)
     };
     (field("topic"), field("id"))
@@ -257,6 +263,7 @@ mod tests {
         let bad = [
             "nope".to_owned(),
             "[]".to_owned(),
+            format!(r#"["subscribe","{topic}","r1"]"#),
             format!(r#"{{"topic":"{topic}"}}"#),
             r#"{"type":"subscribe"}"#.to_owned(),
             format!(r#"{{"type":"publish","topic":"{topic}","id":"x"}}"#),

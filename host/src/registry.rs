@@ -38,6 +38,8 @@ pub struct Audience {
 pub struct Topic {
     pub idx: TopicIdx,
     pub event: Uuid,
+    /// `event:<id>`
+    pub name: String,
     /// `{"type":"position","topic":"event:<id>",`
     pub prefix: Bytes,
     pub audiences: Vec<Audience>,
@@ -101,6 +103,16 @@ impl Registry {
         *inner.indexes.entry(event).or_insert(next)
     }
 
+    /// The index of an event's topic, if it was ever subscribed.
+    pub fn existing_topic_idx(&self, event: Uuid) -> Option<TopicIdx> {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .indexes
+            .get(&event)
+            .copied()
+    }
+
     /// Adds a subscriber; false when it was already subscribed.
     pub fn subscribe(
         &self,
@@ -114,6 +126,7 @@ impl Registry {
         let topic = inner.topics.entry(event).or_insert_with(|| Topic {
             idx,
             event,
+            name: protocol::topic_of(event),
             prefix: protocol::position_prefix(event),
             audiences: Vec::new(),
         });

@@ -27,12 +27,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth;
 use crate::broadcast::Broadcaster;
+use crate::broadcast::Work;
 use crate::config::Config;
 use crate::connection;
 use crate::consumer::{Consumer, StreamConfig};
 use crate::devices::{self, DeviceMap};
 use crate::directus::Directus;
-use crate::filter::Chain;
+use crate::filter::{Chain, ChainSpec, reload};
 use crate::latest::LatestPositions;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -52,6 +53,8 @@ pub struct Shared {
     /// Cancelled when the host starts shutting down.
     pub shutdown: CancellationToken,
     pub redis_ready: Arc<AtomicBool>,
+    /// The record path's queue: batches, snapshots to filter, chain swaps.
+    pub work: mpsc::Sender<Work>,
     connections: TaskTracker,
     next_conn: AtomicU64,
 }
@@ -60,6 +63,8 @@ pub struct Shared {
 pub struct Host {
     shared: Arc<Shared>,
     chain: Chain,
+    chain_fingerprint: [u8; 32],
+    work: mpsc::Receiver<Work>,
     redis: redis::Client,
     ws_listener: TcpListener,
     metrics_listener: TcpListener,
@@ -84,7 +89,20 @@ impl Host {
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy(&config.postgres_url)
             .context("POSTGRES_URL is not a valid PostgreSQL URL")?;
-        let chain = Chain::default();
+        let metrics = Arc::new(Metrics::new());
+        let spec = match &config.live_filter_chain {
+            Some(path) => {
+                ChainSpec::read(path).map_err(|e| anyhow::anyhow!("LIVE_FILTER_CHAIN: {e}"))?
+            }
+            None => ChainSpec::default_chain(),
+        };
+        let chain = Chain::load(&spec, &metrics.filter)
+            .map_err(|e| anyhow::anyhow!("LIVE_FILTER_CHAIN: {e}"))?;
+        tracing::info!(plugins = ?chain.names(), "filter chain loaded");
+        let chain_fingerprint = reload::initial_fingerprint(&spec);
+        // A few batches of slack between Redis and the record path; past that
+        // the consumer waits, and the lag shows in `livecast_consumer_lag`.
+        let (work_tx, work) = mpsc::channel(4);
         let ws_addr = SocketAddr::new(config.live_ws_host, config.live_ws_port);
         let ws_listener = TcpListener::bind(ws_addr)
             .await
@@ -105,15 +123,18 @@ impl Host {
             registry: Arc::default(),
             latest: Arc::default(),
             devices: Arc::default(),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             shutdown: CancellationToken::new(),
             redis_ready: Arc::default(),
+            work: work_tx,
             connections: TaskTracker::new(),
             next_conn: AtomicU64::new(1),
         });
         Ok(Host {
             shared,
             chain,
+            chain_fingerprint,
+            work,
             redis,
             ws_listener,
             metrics_listener,
@@ -148,6 +169,8 @@ impl Host {
         let Host {
             shared,
             chain,
+            chain_fingerprint,
+            work,
             redis,
             ws_listener,
             metrics_listener,
@@ -164,9 +187,6 @@ impl Host {
             batch_size: config.live_broadcast_batch_size,
             block: config.batch_block(),
         };
-        // A few batches of slack between Redis and the record path; past that
-        // the consumer waits, and the lag shows in `livecast_consumer_lag`.
-        let (batches, batches_rx) = mpsc::channel(4);
         let broadcaster = Broadcaster::new(
             chain,
             shared.latest.clone(),
@@ -176,7 +196,7 @@ impl Host {
         );
         let record_path = std::thread::Builder::new()
             .name("livecast-records".into())
-            .spawn(move || broadcaster.run(batches_rx))
+            .spawn(move || broadcaster.run(work))
             .context("cannot start the record path thread")?;
         let consumer = tokio::spawn(
             Consumer {
@@ -185,8 +205,16 @@ impl Host {
                 metrics: shared.metrics.clone(),
                 ready: shared.redis_ready.clone(),
             }
-            .run(batches, background.clone()),
+            .run(shared.work.clone(), background.clone()),
         );
+        tokio::spawn(reload::watch(
+            config.live_filter_chain.clone(),
+            chain_fingerprint,
+            config.filter_reload_poll(),
+            shared.metrics.filter.clone(),
+            shared.work.clone(),
+            background.clone(),
+        ));
         tokio::spawn(Consumer::lag_loop(
             redis,
             stream,
@@ -237,6 +265,7 @@ impl Host {
         }
         background.cancel();
         let _ = consumer.await;
+        let _ = shared.work.send(Work::Stop).await;
         let _ = tokio::task::spawn_blocking(move || record_path.join()).await;
         let _ = ws_server.await;
         let _ = ops_server.await;

@@ -2,43 +2,48 @@
 //! every device of the event.
 //!
 //! The database answers with one index descent per device (a LATERAL subquery
-//! with `ORDER BY ts DESC LIMIT 1` on `positions_faulty_idx`); the host's own
-//! latest positions are merged in so that a snapshot is never older than the
-//! live data, and they alone answer when the database fails (fail open).
+//! with `ORDER BY ts DESC LIMIT 1` on `positions_faulty_idx`), each row shaped
+//! as a stream payload so that it goes through the same decoding and the same
+//! filter chain as live records. The host's own latest positions are merged
+//! in, so a snapshot is never older than the live data, and they alone answer
+//! when the database fails (fail open).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rustc_hash::FxHashMap;
-use serde_json::value::RawValue;
 use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::broadcast::{SnapshotEntry, SnapshotJob, Work};
 use crate::devices::DeviceEvents;
 use crate::latest::{DeviceIdx, LatestPositions};
 use crate::metrics::Metrics;
-use crate::record::Position;
+use crate::registry::Identity;
 
-/// The latest non-faulty position of each device registered to event `$1`.
+/// The latest non-faulty position of each device registered to event `$1`,
+/// as the ingestion service's payload JSON.
 pub const SNAPSHOT_SQL: &str = "\
-SELECT d.imei, \
-       (floor(extract(epoch FROM p.ts) * 1000))::int8 AS ts_ms, \
-       p.latitude, p.longitude, p.speed::float8, p.angle::float8, p.attributes::text \
+SELECT json_build_object( \
+         'device_id', d.imei, \
+         'timestamp', to_char(p.ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+         'latitude', p.latitude, 'longitude', p.longitude, 'altitude', p.altitude, \
+         'angle', p.angle, 'speed', p.speed, 'satellites', p.satellites, \
+         'priority', p.priority, 'attributes', p.attributes)::text \
 FROM (SELECT DISTINCT dv.imei \
         FROM entries e \
         JOIN entry_devices ed ON ed.entry_id = e.id \
         JOIN devices dv ON dv.id = ed.device_id \
        WHERE e.event_id = $1) d \
 CROSS JOIN LATERAL ( \
-       SELECT ts, latitude, longitude, speed, angle, attributes \
+       SELECT ts, latitude, longitude, altitude, angle, speed, satellites, priority, attributes \
          FROM positions \
         WHERE device_id = d.imei AND faulty = false \
         ORDER BY ts DESC \
         LIMIT 1) p";
 
-type Row = (String, i64, f64, f64, f64, f64, String);
-
-/// One device's entry.
+/// One device's entry, keyed for the connection's outbox.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub device: DeviceIdx,
@@ -54,38 +59,25 @@ pub struct Snapshot {
     pub from_database: bool,
 }
 
-fn row_body(row: Row) -> Option<(String, i64, Bytes)> {
-    let (imei, ts_ms, lat, lon, speed, angle, attributes) = row;
-    let attributes = RawValue::from_string(attributes).ok();
-    let p = Position {
-        device: imei.as_str().into(),
-        ts_ms,
-        lat,
-        lon,
-        speed,
-        course: angle,
-        attributes,
-    };
-    let body = p.body();
-    Some((imei, ts_ms, body))
+/// What a snapshot is built from.
+pub struct Sources<'a> {
+    pub db: &'a PgPool,
+    pub timeout: Duration,
+    pub devices: &'a DeviceEvents,
+    pub latest: &'a LatestPositions,
+    pub work: &'a mpsc::Sender<Work>,
+    pub metrics: &'a Metrics,
 }
 
-/// Builds the snapshot of `event`.
-pub async fn build(
-    event: Uuid,
-    db: &PgPool,
-    timeout: Duration,
-    devices: &DeviceEvents,
-    latest: &LatestPositions,
-    metrics: &Metrics,
-) -> Snapshot {
+/// Builds the snapshot of `event` for a subscriber.
+pub async fn build(event: Uuid, topic: &str, identity: &Arc<Identity>, s: Sources<'_>) -> Snapshot {
     let started = Instant::now();
-    let query = sqlx::query_as::<_, Row>(SNAPSHOT_SQL)
+    let query = sqlx::query_scalar::<_, String>(SNAPSHOT_SQL)
         .bind(event)
-        .fetch_all(db);
-    let rows = match tokio::time::timeout(timeout, query).await {
+        .fetch_all(s.db);
+    let rows = match tokio::time::timeout(s.timeout, query).await {
         Ok(Ok(rows)) => {
-            metrics
+            s.metrics
                 .snapshot_latency_ms
                 .observe(started.elapsed().as_secs_f64() * 1000.0);
             Some(rows)
@@ -95,41 +87,44 @@ pub async fn build(
             None
         }
         Err(_) => {
-            tracing::warn!(%event, timeout_ms = timeout.as_millis() as u64, "snapshot query timed out; serving the snapshot from memory");
+            tracing::warn!(%event, timeout_ms = s.timeout.as_millis() as u64, "snapshot query timed out; serving the snapshot from memory");
             None
         }
     };
     let from_database = rows.is_some();
     if !from_database {
-        metrics.snapshot_failures.inc();
+        s.metrics.snapshot_failures.inc();
     }
 
-    // Newest of database and memory, per device.
-    let mut by_device: FxHashMap<String, (i64, Bytes)> = FxHashMap::default();
-    for (imei, ts, body) in rows.into_iter().flatten().filter_map(row_body) {
-        by_device.insert(imei, (ts, body));
-    }
-    let known = devices.devices_of(event);
-    for (imei, _, l) in latest.get_many(known.iter().map(|d| &**d)) {
-        match by_device.get_mut(imei) {
-            Some((ts, _)) if *ts >= l.ts_ms => {}
-            Some(slot) => *slot = (l.ts_ms, l.body),
-            None => {
-                by_device.insert(imei.to_owned(), (l.ts_ms, l.body));
-            }
-        }
-    }
-    let mut by_device: Vec<_> = by_device.into_iter().collect();
-    by_device.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let entries: Vec<Entry> = by_device
+    let known = s.devices.devices_of(event);
+    let from_memory = s
+        .latest
+        .get_many(known.iter().map(|d| &**d))
         .into_iter()
-        .map(|(imei, (ts_ms, body))| Entry {
-            device: latest.device_idx(&imei),
-            ts_ms,
-            body,
+        .map(|(device, _, l)| (Box::<str>::from(device), l))
+        .collect();
+    let (reply, answer) = oneshot::channel();
+    let job = SnapshotJob {
+        topic: topic.to_owned(),
+        identity: identity.clone(),
+        from_database: rows.into_iter().flatten().map(Bytes::from).collect(),
+        from_memory,
+        reply,
+    };
+    let entries: Vec<SnapshotEntry> = match s.work.send(Work::Snapshot(job)).await {
+        Ok(()) => answer.await.unwrap_or_default(),
+        // Shutting down: the record path is gone.
+        Err(_) => Vec::new(),
+    };
+    let entries: Vec<Entry> = entries
+        .into_iter()
+        .map(|e| Entry {
+            device: s.latest.device_idx(&e.device),
+            ts_ms: e.ts_ms,
+            body: e.body,
         })
         .collect();
-    metrics.snapshot_size.observe(entries.len() as f64);
+    s.metrics.snapshot_size.observe(entries.len() as f64);
     Snapshot {
         entries,
         from_database,

@@ -398,6 +398,38 @@ impl TestEnv {
     }
 }
 
+/// The path of a shipped plugin's module, e.g. `plugin("drop-device")`.
+pub fn plugin(name: &str) -> String {
+    format!(
+        "{}/plugin_{}.wasm",
+        livecast::filter::config::PLUGIN_DIR,
+        name.replace('-', "_")
+    )
+}
+
+impl TestEnv {
+    /// Writes a chain file for this test and returns its path.
+    pub fn chain_file(&self, toml: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("livecast-{}", self.schema));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("chain.toml");
+        // Write then rename, as an operator's deploy would, so a reload never
+        // reads a half-written file.
+        let tmp = dir.join("chain.toml.tmp");
+        std::fs::write(&tmp, toml).expect("write chain");
+        std::fs::rename(&tmp, &path).expect("rename chain");
+        path
+    }
+
+    /// A host running the given chain.
+    pub async fn start_host_with_chain(&self, toml: &str) -> TestHost {
+        let mut config = self.config();
+        config.live_filter_chain = Some(self.chain_file(toml));
+        config.live_filter_reload_poll_ms = 100;
+        self.start_host_with(config).await
+    }
+}
+
 /// A host running in this process.
 pub struct TestHost {
     pub ws_url: String,

@@ -3,6 +3,7 @@
 //! WebSocket clients, and the Directus stand-in.
 
 mod auth;
+mod filters;
 mod lifecycle;
 mod outage;
 mod plan;

@@ -51,12 +51,15 @@ async fn the_snapshot_query_descends_the_index_once_per_device() {
         .unwrap_or_else(|| panic!("no scan of positions_faulty_idx:\n{plan}"));
     assert!(scan.contains("rows=1 loops=100"), "{scan}");
 
-    let rows: Vec<(String, i64, f64, f64, f64, f64, String)> = sqlx::query_as(SNAPSHOT_SQL)
+    let rows: Vec<String> = sqlx::query_scalar(SNAPSHOT_SQL)
         .bind(event)
         .fetch_all(&env.db)
         .await
         .expect("snapshot");
     assert_eq!(rows.len(), 100);
-    // The last fix (s = 1999) is not faulty (1999 % 7 != 0).
-    assert!(rows.iter().all(|r| r.1 == (1_767_225_600 + 1_999) * 1_000));
+    // Rows are stream payloads; the last fix (s = 1999) is not faulty (1999 % 7 != 0).
+    for row in &rows {
+        let p = livecast::record::Position::decode(row.as_bytes()).expect("a valid payload");
+        assert_eq!(p.ts_ms, (1_767_225_600 + 1_999) * 1_000, "{row}");
+    }
 }

@@ -1,0 +1,309 @@
+//! One live plugin instance in its sandbox: a store with a memory cap and a
+//! per-call deadline, the guest's input region, and the calls of the ABI.
+//! Every failure is classified (trap, timeout, memory, malformed output) so
+//! that the caller can discard the instance and apply the plugin's policy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc};
+
+use super::abi::{self, AudienceRef, RawVerdict};
+use super::engine::{Compiled, EPOCH_TICK, FilterEngine};
+use crate::ratelimit::LogLimiter;
+
+/// Why a call failed. The names are metric labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Trap(String),
+    Timeout,
+    Memory,
+    Malformed(&'static str),
+    /// Instantiation or `init` failed.
+    Init(String),
+}
+
+impl Failure {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::Trap(_) => "trap",
+            Failure::Timeout => "timeout",
+            Failure::Memory => "memory",
+            Failure::Malformed(_) => "malformed",
+            Failure::Init(_) => "init",
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Trap(m) => write!(f, "trapped: {m}"),
+            Failure::Timeout => f.write_str("ran past its deadline"),
+            Failure::Memory => f.write_str("went over its memory limit"),
+            Failure::Malformed(m) => write!(f, "malformed output: {m}"),
+            Failure::Init(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// The host state of a store: limits and logging.
+pub struct Sandbox {
+    plugin: Arc<str>,
+    memory_limit: usize,
+    memory_denied: bool,
+    log_limit: LogLimiter,
+    /// The last error the plugin logged: the reason `init` gives for a refusal.
+    last_error: Option<String>,
+}
+
+impl ResourceLimiter for Sandbox {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_limit {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 10_000)
+    }
+}
+
+const MAX_LOG_LINE: usize = 1024;
+
+/// The only import: `livecast::log(level, ptr, len)`.
+pub fn link_log(linker: &mut Linker<Sandbox>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "livecast",
+        "log",
+        |mut caller: Caller<'_, Sandbox>, level: i32, ptr: i32, len: i32| {
+            let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+                return;
+            };
+            let (data, sandbox) = memory.data_and_store_mut(&mut caller);
+            let (ptr, len) = (ptr as u32 as usize, (len as u32 as usize).min(MAX_LOG_LINE));
+            let Some(bytes) = ptr.checked_add(len).and_then(|end| data.get(ptr..end)) else {
+                return;
+            };
+            let message = String::from_utf8_lossy(bytes).into_owned();
+            if level == 0 {
+                sandbox.last_error = Some(message.clone());
+            }
+            let Some(held_back) = sandbox.log_limit.allow() else {
+                return;
+            };
+            let plugin = &*sandbox.plugin;
+            match level {
+                0 => tracing::error!(plugin, held_back, "{message}"),
+                1 => tracing::warn!(plugin, held_back, "{message}"),
+                2 => tracing::info!(plugin, held_back, "{message}"),
+                _ => tracing::debug!(plugin, held_back, "{message}"),
+            }
+        },
+    )?;
+    Ok(())
+}
+
+/// What a plugin decided for one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    Drop,
+    Replace(Vec<u8>),
+}
+
+/// A live instance.
+pub struct Instance {
+    store: Store<Sandbox>,
+    memory: Memory,
+    reserve: TypedFunc<i32, i32>,
+    filter: TypedFunc<(i32, i32), i32>,
+    deliver: Option<TypedFunc<(i32, i32), i32>>,
+    /// The guest's input region: pointer and capacity.
+    region: (u32, usize),
+    deadline_ticks: u64,
+}
+
+impl Instance {
+    /// Instantiates the module and runs `init` with the configuration.
+    pub fn start(
+        engine: &FilterEngine,
+        compiled: &Compiled,
+        plugin: &Arc<str>,
+        config_json: &str,
+        memory_limit: usize,
+        timeout: Duration,
+    ) -> Result<Instance, Failure> {
+        let sandbox = Sandbox {
+            plugin: plugin.clone(),
+            memory_limit,
+            memory_denied: false,
+            log_limit: LogLimiter::new(Duration::from_secs(1)),
+            last_error: None,
+        };
+        let mut store = Store::new(engine.engine(), sandbox);
+        store.limiter(|s| s);
+        store.epoch_deadline_trap();
+        let deadline_ticks = (timeout.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1;
+        store.set_epoch_deadline(deadline_ticks);
+        let instance = compiled
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| Failure::Init(format!("cannot instantiate: {e:#}")))?;
+        let init_failed =
+            |e: wasmtime::Error| Failure::Init(format!("export missing or mistyped: {e:#}"));
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| Failure::Init("no memory export".into()))?;
+        let reserve = instance
+            .get_typed_func(&mut store, "livecast_reserve")
+            .map_err(init_failed)?;
+        let init = instance
+            .get_typed_func::<(i32, i32), i32>(&mut store, "init")
+            .map_err(init_failed)?;
+        let filter = instance
+            .get_typed_func(&mut store, "filter_batch")
+            .map_err(init_failed)?;
+        let deliver = match compiled.has_deliver {
+            true => Some(
+                instance
+                    .get_typed_func(&mut store, "deliver_batch")
+                    .map_err(init_failed)?,
+            ),
+            false => None,
+        };
+        let mut inst = Instance {
+            store,
+            memory,
+            reserve,
+            filter,
+            deliver,
+            region: (0, 0),
+            deadline_ticks,
+        };
+        let cfg = config_json.as_bytes();
+        let ptr = inst
+            .input(cfg.len())
+            .map_err(|f| Failure::Init(format!("init: {f}")))?;
+        inst.memory.data_mut(&mut inst.store)[ptr..ptr + cfg.len()].copy_from_slice(cfg);
+        inst.store.set_epoch_deadline(inst.deadline_ticks);
+        match init.call(&mut inst.store, (ptr as i32, cfg.len() as i32)) {
+            Ok(0) => Ok(inst),
+            Ok(_) => {
+                let why = inst
+                    .store
+                    .data_mut()
+                    .last_error
+                    .take()
+                    .unwrap_or_else(|| "no reason given".into());
+                Err(Failure::Init(format!("rejected its configuration: {why}")))
+            }
+            Err(e) => Err(Failure::Init(format!("init {}", inst.classify(e)))),
+        }
+    }
+
+    fn classify(&mut self, e: wasmtime::Error) -> Failure {
+        if std::mem::take(&mut self.store.data_mut().memory_denied) {
+            return Failure::Memory;
+        }
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => Failure::Timeout,
+            Some(t) => Failure::Trap(t.to_string()),
+            None => Failure::Trap(format!("{e:#}")),
+        }
+    }
+
+    /// A region of at least `len` bytes in the guest, asked for only when the
+    /// one it has is too small. Returns its offset.
+    fn input(&mut self, len: usize) -> Result<usize, Failure> {
+        if len > self.region.1 || self.region.0 == 0 {
+            let want = len.max(4096).next_power_of_two();
+            let size = i32::try_from(want)
+                .map_err(|_| Failure::Malformed("batch too large for a 32-bit guest"))?;
+            self.store.set_epoch_deadline(self.deadline_ticks);
+            let ptr = match self.reserve.call(&mut self.store, size) {
+                Ok(p) => p as u32,
+                Err(e) => return Err(self.classify(e)),
+            };
+            if ptr == 0 {
+                return Err(Failure::Malformed("livecast_reserve returned 0"));
+            }
+            if (ptr as usize).saturating_add(want) > self.memory.data_size(&self.store) {
+                return Err(Failure::Malformed(
+                    "livecast_reserve returned a region outside memory",
+                ));
+            }
+            self.region = (ptr, want);
+        }
+        Ok(self.region.0 as usize)
+    }
+
+    /// Runs `filter_batch` over `records`.
+    pub fn filter(&mut self, records: &[&[u8]]) -> Result<Vec<Outcome>, Failure> {
+        let len = abi::filter_input_len(records);
+        let ptr = self.input(len)?;
+        abi::write_filter_input(
+            &mut self.memory.data_mut(&mut self.store)[ptr..ptr + len],
+            records,
+        );
+        let func = self.filter.clone();
+        self.call(func, ptr, len, records.len())
+    }
+
+    /// Runs `deliver_batch` over (record, audience) pairs.
+    pub fn deliver(
+        &mut self,
+        records: &[&[u8]],
+        audiences: &[AudienceRef<'_>],
+        pairs: &[(u32, u32)],
+    ) -> Result<Vec<Outcome>, Failure> {
+        let Some(func) = self.deliver.clone() else {
+            return Ok(vec![Outcome::Pass; pairs.len()]);
+        };
+        let len = abi::deliver_input_len(records, audiences, pairs);
+        let ptr = self.input(len)?;
+        abi::write_deliver_input(
+            &mut self.memory.data_mut(&mut self.store)[ptr..ptr + len],
+            records,
+            audiences,
+            pairs,
+        );
+        self.call(func, ptr, len, pairs.len())
+    }
+
+    fn call(
+        &mut self,
+        func: TypedFunc<(i32, i32), i32>,
+        ptr: usize,
+        len: usize,
+        n: usize,
+    ) -> Result<Vec<Outcome>, Failure> {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        let out = match func.call(&mut self.store, (ptr as i32, len as i32)) {
+            Ok(out) => out as u32,
+            Err(e) => return Err(self.classify(e)),
+        };
+        let mem = self.memory.data(&self.store);
+        let verdicts = abi::read_output(mem, out, n).map_err(Failure::Malformed)?;
+        Ok(verdicts
+            .into_iter()
+            .map(|v| match v {
+                RawVerdict::Pass => Outcome::Pass,
+                RawVerdict::Drop => Outcome::Drop,
+                RawVerdict::Replace(b) => Outcome::Replace(b.to_vec()),
+            })
+            .collect())
+    }
+}
