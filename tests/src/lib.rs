@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
+pub mod load;
 pub mod proxy;
 pub use proxy::Proxy;
 

@@ -103,6 +103,16 @@ impl DirectusStandIn {
             .insert(token.to_owned(), user);
     }
 
+    /// Ends a session: the token is no longer accepted (as after an expiry
+    /// or a logout).
+    pub fn end_session(&self, token: &str) {
+        self.inner
+            .users
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(token);
+    }
+
     /// The user a token belongs to.
     pub fn user(&self, token: &str) -> Option<StandInUser> {
         self.inner

@@ -5,6 +5,7 @@
 mod auth;
 mod filters;
 mod lifecycle;
+mod load_smoke;
 mod outage;
 mod plan;
 mod slow;

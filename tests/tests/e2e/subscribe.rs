@@ -308,3 +308,35 @@ async fn binary_and_oversized_frames_close_the_connection() {
     .await;
     assert_eq!(c.ended(Duration::from_secs(3)).await, Ended::Close(1009));
 }
+
+#[tokio::test]
+async fn a_session_that_expired_closes_the_connection_at_the_next_subscribe() {
+    let env = TestEnv::new().await;
+    let events = [env.event(&[A]).await, env.event(&[B]).await];
+    env.user("u", None, &events);
+    let host = env.start_host().await;
+    let mut c = host.connect(&cookie("u")).await;
+    assert_eq!(c.subscribe(events[0], "1").await["type"], "subscribed");
+    env.publish(&payload(A, now_ms(), 1.0, 1.0)).await;
+    assert!(
+        c.next().await.is_some(),
+        "held topics stream whatever the session does"
+    );
+
+    // Directus answers 401 once the session is gone: retrying with the same
+    // credential would never work, so the client is sent to reconnect.
+    env.directus.end_session("u");
+    c.send(&json!({"type": "subscribe", "topic": format!("event:{}", events[1]), "id": "2"}))
+        .await;
+    assert_eq!(c.ended(Duration::from_secs(3)).await, Ended::Close(1008));
+    assert_eq!(
+        Metrics::count(&host.metrics.closes, "reason", "session_expired"),
+        1
+    );
+    assert_eq!(
+        Client::connect(&host.ws_url, &[("cookie", &cookie("u"))])
+            .await
+            .err(),
+        Some(401)
+    );
+}

@@ -1,0 +1,151 @@
+//! The load benchmarks: fan-out throughput, latency, memory per connection
+//! and snapshot time, against a real `livecast` process, real Redis and
+//! PostgreSQL on this machine (docs/benchmarks.md).
+//!
+//! ```text
+//! cargo bench -p livecast-tests --bench load                 # the standard set
+//! cargo bench -p livecast-tests --bench load -- fanout       # one scenario
+//! cargo bench -p livecast-tests --bench load -- smoke        # seconds, correctness only
+//! ```
+//!
+//! Services: `REDIS_URL` and `POSTGRES_URL` (defaults: the local ones). The
+//! host reads a database `livecast_bench` on that server, created, migrated
+//! and seeded on first use and kept between runs (the snapshot scenario's
+//! 10 million positions take minutes to generate). Each run prints a table
+//! and writes it as JSON under `target/bench/`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use livecast_tests::load::{self, Report, Scenario, Target};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
+
+const SNAPSHOT_EVENT: usize = 90;
+const SNAPSHOT_DEVICES: usize = 500;
+const SNAPSHOT_ROWS: i64 = 10_000_000;
+
+fn scenario(name: &str, clients: usize, stuck: usize, rate: u32, secs: u64) -> Scenario {
+    Scenario {
+        name: name.into(),
+        clients,
+        stuck_clients: stuck,
+        events: 1,
+        devices_per_event: 50,
+        rate,
+        duration: Duration::from_secs(secs),
+    }
+}
+
+async fn bench_database(server: &str) -> anyhow::Result<String> {
+    let opts: PgConnectOptions = server.parse()?;
+    let mut admin = opts.connect().await?;
+    let exists: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = 'livecast_bench'")
+            .fetch_optional(&mut admin)
+            .await?;
+    if exists.is_none() {
+        sqlx::query("CREATE DATABASE livecast_bench")
+            .execute(&mut admin)
+            .await?;
+    }
+    admin.close().await?;
+    Ok(opts.database("livecast_bench").to_url_lossy().to_string())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    livecast::server::install_crypto();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let which = args.first().map(String::as_str).unwrap_or("standard");
+    let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let server = std::env::var("POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let postgres_url = bench_database(&server).await?;
+    let db = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&postgres_url)
+        .await?;
+    livecast::dev::schema::migrate(&db).await?;
+    load::seed(&db, 1, 50).await?;
+
+    let target = Target {
+        redis_url,
+        postgres_url,
+        stream: "livecast:bench:telemetry".into(),
+        host_bin: PathBuf::from(env!("CARGO_BIN_EXE_livecast-test-host")),
+        chain: None,
+    };
+    let scenarios: Vec<Scenario> = match which {
+        "smoke" => vec![scenario("smoke", 20, 2, 200, 2)],
+        "idle" => vec![scenario("idle", 10_000, 0, 0, 5)],
+        "fanout" => vec![scenario("fanout", 1_000, 0, 200, 20)],
+        "saturation" => [250, 500, 750, 1000, 1500]
+            .into_iter()
+            .map(|r| scenario(&format!("sat-{r}"), 1_000, 0, r, 10))
+            .collect(),
+        "slow" => vec![
+            scenario("slow-base", 1_000, 0, 200, 20),
+            scenario("slow-10pct", 1_000, 100, 200, 20),
+        ],
+        "snapshot" => vec![],
+        _ => vec![
+            scenario("idle", 10_000, 0, 0, 5),
+            scenario("fanout", 1_000, 0, 200, 20),
+            scenario("sat-500", 1_000, 0, 500, 10),
+            scenario("sat-1000", 1_000, 0, 1000, 10),
+            scenario("slow-10pct", 1_000, 100, 200, 20),
+        ],
+    };
+    let mut reports: Vec<Report> = Vec::new();
+    for s in &scenarios {
+        eprintln!(
+            "running {} ({} clients, {} stuck, {} records/s, {:?})",
+            s.name, s.clients, s.stuck_clients, s.rate, s.duration
+        );
+        let r = load::run(&target, s).await?;
+        eprintln!("{}", load::table(std::slice::from_ref(&r)));
+        reports.push(r);
+    }
+    if !reports.is_empty() {
+        println!("{}", load::table(&reports));
+    }
+    let bench_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    if which == "snapshot" || which == "standard" {
+        load::seed(&db, SNAPSHOT_EVENT + 1, SNAPSHOT_DEVICES).await?;
+        eprintln!("positions: making sure there are {SNAPSHOT_ROWS} rows (kept between runs)");
+        let rows =
+            load::ensure_positions(&db, SNAPSHOT_EVENT, SNAPSHOT_DEVICES, SNAPSHOT_ROWS).await?;
+        let (mut times, size) =
+            load::snapshot_latency(&target, SNAPSHOT_EVENT, SNAPSHOT_DEVICES, 50).await?;
+        times.sort_by(f64::total_cmp);
+        println!(
+            "snapshot: {size} entries over {rows} rows, {} subscribes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            times.len(),
+            load::percentile(&times, 0.5),
+            load::percentile(&times, 0.99),
+            times.last().copied().unwrap_or(0.0)
+        );
+        let path = load::save(
+            &bench_dir,
+            "snapshot",
+            &serde_json::json!({"rows": rows, "entries": size, "ms": times}),
+        )?;
+        eprintln!("wrote {}", path.display());
+    }
+    if !reports.is_empty() {
+        let path = load::save(&bench_dir, which, &reports)?;
+        eprintln!("wrote {}", path.display());
+    }
+    let broken: Vec<&Report> = reports
+        .iter()
+        .filter(|r| r.duplicated + r.out_of_order > 0)
+        .collect();
+    if !broken.is_empty() {
+        anyhow::bail!("duplicated or reordered deliveries: {broken:?}");
+    }
+    Ok(())
+}

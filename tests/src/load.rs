@@ -1,0 +1,869 @@
+//! The load harness: many authenticated WebSocket clients against a real
+//! `livecast` process, a publisher at a fixed rate, and an account of every
+//! delivery.
+//!
+//! Each published record carries its device's sequence number and its
+//! publish time (as IO attributes `9998` and `9999`, which the host passes
+//! through untouched), so every client can check that it received each
+//! record of each device exactly once, in order, and how long it took.
+//! Host memory and CPU are read from `/proc` of the host process alone.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use livecast::dev::directus_standin::{DirectusStandIn, StandInUser};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpSocket;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use uuid::Uuid;
+
+/// The session token every harness client uses.
+pub const TOKEN: &str = "load-token";
+const SEQ_KEY: &[u8] = b"\"9998\":";
+const SENT_KEY: &[u8] = b"\"9999\":";
+const DEVICE_KEY: &[u8] = b"\"deviceId\":\"";
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    pub name: String,
+    /// WebSocket clients, all subscribed to every event.
+    pub clients: usize,
+    /// Of those, how many never read after `subscribed`.
+    pub stuck_clients: usize,
+    pub events: usize,
+    pub devices_per_event: usize,
+    /// Records per second published, all devices together (0: idle).
+    pub rate: u32,
+    pub duration: Duration,
+}
+
+/// The result of one scenario.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub clients: usize,
+    pub stuck_clients: usize,
+    pub connections_held: usize,
+    pub rate: u32,
+    pub seconds: f64,
+    pub records_published: u64,
+    pub deliveries_expected: u64,
+    pub deliveries_received: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub deliveries_per_s: f64,
+    pub latency_us_p50: u64,
+    pub latency_us_p99: u64,
+    pub latency_us_p999: u64,
+    pub latency_us_max: u64,
+    pub host_rss_kib_before_clients: u64,
+    pub host_rss_kib_with_clients: u64,
+    pub host_rss_kib_peak: u64,
+    pub host_rss_kib_end: u64,
+    pub rss_bytes_per_connection: f64,
+    pub host_cpu_percent: f64,
+    pub conflated: u64,
+    pub host_deliveries: u64,
+}
+
+/// Where the services are.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub redis_url: String,
+    /// PostgreSQL URL of the database (or schema) the host reads.
+    pub postgres_url: String,
+    pub stream: String,
+    /// The host binary to run.
+    pub host_bin: PathBuf,
+    /// `LIVE_FILTER_CHAIN`, if any.
+    pub chain: Option<PathBuf>,
+}
+
+/// Now, epoch microseconds.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The IMEI of device `d` of event `e`.
+pub fn imei(e: usize, d: usize) -> String {
+    format!("35{:05}{:08}", e, d)
+}
+
+/// Device index from an IMEI made by [`imei`].
+fn device_index(imei: &[u8], devices_per_event: usize) -> Option<usize> {
+    let s = std::str::from_utf8(imei).ok()?;
+    let (e, d) = (
+        s.get(2..7)?.parse::<usize>().ok()?,
+        s.get(7..)?.parse::<usize>().ok()?,
+    );
+    Some(e * devices_per_event + d)
+}
+
+/// Fixed event ids, so a kept database can be reused between runs.
+pub fn event_id(e: usize) -> Uuid {
+    Uuid::from_u128(0x10ad_0000_0000_4000_8000_0000_0000_0000 + e as u128)
+}
+
+/// Creates the events and devices (idempotent).
+pub async fn seed(db: &PgPool, events: usize, devices_per_event: usize) -> anyhow::Result<()> {
+    let org = Uuid::from_u128(0x10ad_0000_0000_4000_8000_ffff_0000_0000);
+    sqlx::query("INSERT INTO organizations (id, name, slug) VALUES ($1, 'Load', 'load') ON CONFLICT DO NOTHING")
+        .bind(org)
+        .execute(db)
+        .await?;
+    for e in 0..events {
+        sqlx::query("INSERT INTO events (id, organization_id, name, slug) VALUES ($1, $2, 'Load', $3) ON CONFLICT DO NOTHING")
+            .bind(event_id(e))
+            .bind(org)
+            .bind(format!("load-{e}"))
+            .execute(db)
+            .await?;
+        // One entry per device; ids derived from the IMEI so reruns are no-ops.
+        sqlx::query(
+            "INSERT INTO devices (id, imei, model) \
+             SELECT md5('dev' || imei)::uuid, imei, 'FMB920' \
+             FROM (SELECT '35' || lpad($1::text, 5, '0') || lpad(d::text, 8, '0') AS imei FROM generate_series(0, $2 - 1) d) x \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(e as i64)
+        .bind(devices_per_event as i64)
+        .execute(db)
+        .await?;
+        sqlx::query(
+            "INSERT INTO entries (id, event_id, status) \
+             SELECT md5('entry' || $1::text || d::text)::uuid, $2, 'racing' FROM generate_series(0, $3 - 1) d \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(e as i64)
+        .bind(event_id(e))
+        .bind(devices_per_event as i64)
+        .execute(db)
+        .await?;
+        sqlx::query(
+            "INSERT INTO entry_devices (id, entry_id, device_id) \
+             SELECT md5('link' || $1::text || d::text)::uuid, md5('entry' || $1::text || d::text)::uuid, \
+                    md5('dev' || '35' || lpad($1::text, 5, '0') || lpad(d::text, 8, '0'))::uuid \
+             FROM generate_series(0, $2 - 1) d ON CONFLICT DO NOTHING",
+        )
+        .bind(e as i64)
+        .bind(devices_per_event as i64)
+        .execute(db)
+        .await?;
+    }
+    Ok(())
+}
+
+/// A running host process.
+pub struct HostProcess {
+    pub child: Child,
+    pub pid: u32,
+    pub ws_url: String,
+    pub metrics_url: String,
+}
+
+impl HostProcess {
+    /// Starts the host and waits until it reads the stream.
+    pub async fn start(
+        t: &Target,
+        directus: &DirectusStandIn,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<HostProcess> {
+        let mut cmd = Command::new(&t.host_bin);
+        cmd.env("DIRECTUS_BASE_URL", directus.url().as_str())
+            .env("REDIS_URL", &t.redis_url)
+            .env("POSTGRES_URL", &t.postgres_url)
+            .env("REDIS_TELEMETRY_STREAM", &t.stream)
+            .env("INSTANCE_ID", format!("load-{}", std::process::id()))
+            .env("LIVE_WS_HOST", "127.0.0.1")
+            .env("LIVE_WS_PORT", "0")
+            .env("METRICS_HOST", "127.0.0.1")
+            .env("METRICS_PORT", "0")
+            .env("LOG_FORMAT", "json")
+            .env(
+                "RUST_LOG",
+                "warn,livecast::server=info,livecast::consumer=info",
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(c) = &t.chain {
+            cmd.env("LIVE_FILTER_CHAIN", c);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow::anyhow!("host exited at once"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut ws, mut metrics, mut reading) = (None, None, false);
+        let started = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if v["message"] == "livecast is serving" {
+                    ws = v["ws"].as_str().map(str::to_owned);
+                    metrics = v["metrics"].as_str().map(str::to_owned);
+                }
+                reading |= v["message"] == "reading the telemetry stream";
+                if reading && ws.is_some() {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        if started != Ok(true) {
+            anyhow::bail!("the host did not start");
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (Some(ws), Some(metrics)) = (ws, metrics) else {
+            anyhow::bail!("the host did not log its addresses");
+        };
+        Ok(HostProcess {
+            child,
+            pid,
+            ws_url: format!("ws://{ws}/ws-live"),
+            metrics_url: format!("http://{metrics}"),
+        })
+    }
+
+    /// Resident memory, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// CPU time used so far (user + system), seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return 0.0;
+        };
+        // Fields after the command name, which ends with ')'.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15 of /proc/pid/stat; here 11, 12.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// A counter from `/metrics`.
+    pub async fn counter(&self, name: &str) -> u64 {
+        let Ok(resp) = reqwest::get(format!("{}/metrics", self.metrics_url)).await else {
+            return 0;
+        };
+        let text = resp.text().await.unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+/// What one client saw.
+#[derive(Default)]
+pub struct Account {
+    /// Last sequence number received per device (index), 0 = none.
+    last: Vec<u64>,
+    pub received: u64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub latency: Option<Histogram<u64>>,
+}
+
+impl Account {
+    pub fn new(devices: usize) -> Self {
+        Self {
+            last: vec![0; devices],
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).ok(),
+            ..Self::default()
+        }
+    }
+
+    /// Accounts one `position` frame; returns false when it is not one of
+    /// the harness's records.
+    pub fn position(&mut self, frame: &[u8], devices_per_event: usize, now_us: u64) -> bool {
+        let (Some(device), Some(seq)) = (
+            field_str(frame, DEVICE_KEY).and_then(|d| device_index(d, devices_per_event)),
+            field_u64(frame, SEQ_KEY),
+        ) else {
+            return false;
+        };
+        let Some(last) = self.last.get_mut(device) else {
+            return false;
+        };
+        self.received += 1;
+        match seq.cmp(last) {
+            std::cmp::Ordering::Equal => self.duplicated += 1,
+            std::cmp::Ordering::Less => self.out_of_order += 1,
+            std::cmp::Ordering::Greater => *last = seq,
+        }
+        if let (Some(sent), Some(h)) = (field_u64(frame, SENT_KEY), self.latency.as_mut()) {
+            let _ = h.record(now_us.saturating_sub(sent).max(1));
+        }
+        true
+    }
+
+    /// Records this client missed, given how many were published per device
+    /// (sequence numbers start at 1 and have no gaps).
+    pub fn lost(&self, published: &[u64]) -> u64 {
+        published
+            .iter()
+            .zip(&self.last)
+            .map(|(&p, &last)| p.saturating_sub(last))
+            .sum::<u64>()
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn field_u64(frame: &[u8], key: &[u8]) -> Option<u64> {
+    let at = find(frame, key)? + key.len();
+    let digits: &[u8] = &frame[at..];
+    let end = digits
+        .iter()
+        .position(|c| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+fn field_str<'a>(frame: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let at = find(frame, key)? + key.len();
+    let end = frame[at..].iter().position(|&c| c == b'"')?;
+    Some(&frame[at..at + end])
+}
+
+/// A payload for device `d` of event `e`, sequence `seq`.
+pub fn payload(e: usize, d: usize, seq: u64, base_ms: u64) -> String {
+    let lat = 41.3 + (seq as f64) * 1e-5;
+    let lon = 19.8 + (d as f64) * 1e-4;
+    let ts = base_ms + seq;
+    let secs = ts / 1000;
+    let t = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        r#"{{"device_id":"{}","timestamp":"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z","latitude":{lat},"longitude":{lon},"altitude":112,"angle":271,"speed":63,"satellites":11,"priority":0,"attributes":{{"239":1,"240":1,"21":4,"66":12841,"24":63,"16":{},"9998":{seq},"9999":{}}}}}"#,
+        imei(e, d),
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        ts % 1000,
+        1_000_000 + seq,
+        now_us()
+    )
+}
+
+struct Shared {
+    stop: AtomicBool,
+    connected: AtomicU64,
+    subscribed: AtomicU64,
+}
+
+/// One harness client: connect, subscribe to every event, then account
+/// every position until told to stop (or, stuck, never read again).
+async fn client(
+    addr: SocketAddr,
+    url: String,
+    events: usize,
+    devices_per_event: usize,
+    stuck: bool,
+    shared: Arc<Shared>,
+    opening: tokio::sync::OwnedSemaphorePermit,
+) -> anyhow::Result<Account> {
+    let socket = TcpSocket::new_v4()?;
+    if stuck {
+        // A small window, so the host's writes block after a few KB.
+        socket.set_recv_buffer_size(4096)?;
+    }
+    let stream = socket.connect(addr).await?;
+    let mut req = url.as_str().into_client_request()?;
+    req.headers_mut()
+        .insert("cookie", format!("directus_session_token={TOKEN}").parse()?);
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    shared.connected.fetch_add(1, Ordering::Relaxed);
+    for e in 0..events {
+        let frame = format!(
+            r#"{{"type":"subscribe","topic":"event:{}","id":"{e}"}}"#,
+            event_id(e)
+        );
+        ws.send(Message::Text(frame.into())).await?;
+    }
+    let mut account = Account::new(events * devices_per_event);
+    let mut pending = events;
+    while pending > 0 {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.starts_with(r#"{"type":"subscribed""#) => pending -= 1,
+            Some(Ok(Message::Text(t))) if t.starts_with(r#"{"type":"error""#) => {
+                anyhow::bail!("subscribe refused: {t}")
+            }
+            Some(Ok(Message::Text(t))) => {
+                account.position(t.as_bytes(), devices_per_event, now_us());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => anyhow::bail!("closed before subscribed"),
+        }
+    }
+    shared.subscribed.fetch_add(1, Ordering::Relaxed);
+    drop(opening);
+    if stuck {
+        while !shared.stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        return Ok(account);
+    }
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(100), ws.next()).await;
+        match next {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                account.position(t.as_bytes(), devices_per_event, now_us());
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => return Ok(account),
+            Err(_) if shared.stop.load(Ordering::Relaxed) => return Ok(account),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Publishes at `rate` records per second, round-robin over every device,
+/// until `until`; returns how many records each device got.
+async fn publish(
+    redis_url: &str,
+    stream: &str,
+    events: usize,
+    devices_per_event: usize,
+    rate: u32,
+    until: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    let devices = events * devices_per_event;
+    let mut published = vec![0u64; devices];
+    if rate == 0 {
+        tokio::time::sleep_until(until.into()).await;
+        return Ok(published);
+    }
+    let mut conn = redis::Client::open(redis_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let base_ms = now_us() / 1000;
+    let tick = Duration::from_millis(5);
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    let mut next_device = 0usize;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    while Instant::now() < until {
+        interval.tick().await;
+        let due = (started.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+        if due <= sent {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        for _ in sent..due {
+            let i = next_device;
+            next_device = (next_device + 1) % devices;
+            published[i] += 1;
+            let (e, d) = (i / devices_per_event, i % devices_per_event);
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(100_000)
+                .arg("*")
+                .arg("payload")
+                .arg(payload(e, d, published[i], base_ms))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        sent = due;
+    }
+    Ok(published)
+}
+
+/// Runs a scenario against a fresh host process.
+pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
+    let directus = DirectusStandIn::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
+    directus.add_user(
+        TOKEN,
+        StandInUser {
+            id: Uuid::from_u128(1),
+            email: "load@livecast.invalid".into(),
+            role: None,
+            events: (0..s.events).map(event_id).collect(),
+        },
+    );
+    let host = HostProcess::start(
+        t,
+        &directus,
+        &[("LIVE_WS_SLOW_CLIENT_TIMEOUT_MS", "600000")],
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = host.rss_kib();
+
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        connected: AtomicU64::new(0),
+        subscribed: AtomicU64::new(0),
+    });
+    let addr: SocketAddr = host
+        .ws_url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws-live")
+        .parse()?;
+    // Open connections a few hundred at a time (the listen backlog is finite).
+    let gate = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(s.clients);
+    for i in 0..s.clients {
+        let permit = gate.clone().acquire_owned().await?;
+        let (url, shared2) = (host.ws_url.clone(), shared.clone());
+        let (events, dpe) = (s.events, s.devices_per_event);
+        let stuck = i < s.stuck_clients;
+        tasks.push(tokio::spawn(client(
+            addr, url, events, dpe, stuck, shared2, permit,
+        )));
+    }
+    let all_in = tokio::time::timeout(Duration::from_secs(120), async {
+        while (shared.subscribed.load(Ordering::Relaxed) as usize) < s.clients {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if all_in.is_err() {
+        anyhow::bail!(
+            "only {} of {} clients subscribed",
+            shared.subscribed.load(Ordering::Relaxed),
+            s.clients
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_with = host.rss_kib();
+
+    let cpu0 = host.cpu_seconds();
+    let started = Instant::now();
+    let until = started + s.duration;
+    let sampler = {
+        let pid = host.pid;
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while Instant::now() < until {
+                let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                            l.split_whitespace()
+                                .nth(1)
+                                .and_then(|v| v.parse::<u64>().ok())
+                        })
+                    })
+                    .unwrap_or(0);
+                peak = peak.max(rss);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            peak
+        })
+    };
+    let published = publish(
+        &t.redis_url,
+        &t.stream,
+        s.events,
+        s.devices_per_event,
+        s.rate,
+        until,
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = host.cpu_seconds() - cpu0;
+    // Let in-flight deliveries land.
+    tokio::time::sleep(Duration::from_millis(if s.rate > 0 { 1500 } else { 0 })).await;
+    shared.stop.store(true, Ordering::Relaxed);
+    let peak = sampler.await.unwrap_or(0);
+
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut r = Report {
+        scenario: s.name.clone(),
+        clients: s.clients,
+        stuck_clients: s.stuck_clients,
+        connections_held: shared.connected.load(Ordering::Relaxed) as usize,
+        rate: s.rate,
+        seconds,
+        records_published: published.iter().sum(),
+        host_rss_kib_before_clients: rss_before,
+        host_rss_kib_with_clients: rss_with,
+        host_rss_kib_peak: peak.max(rss_with),
+        host_cpu_percent: 100.0 * cpu / seconds,
+        conflated: host.counter("livecast_conflated_total").await,
+        host_deliveries: host.counter("livecast_deliveries_total").await,
+        ..Report::default()
+    };
+    r.rss_bytes_per_connection =
+        (rss_with.saturating_sub(rss_before) * 1024) as f64 / s.clients.max(1) as f64;
+    for (i, task) in tasks.into_iter().enumerate() {
+        let account = task.await??;
+        if i < s.stuck_clients {
+            continue;
+        }
+        r.deliveries_expected += r.records_published;
+        r.deliveries_received += account.received;
+        r.duplicated += account.duplicated;
+        r.out_of_order += account.out_of_order;
+        r.lost += account.lost(&published);
+        if let Some(h) = &account.latency {
+            latency.add(h)?;
+        }
+    }
+    r.host_rss_kib_end = host.rss_kib();
+    r.deliveries_per_s = r.deliveries_received as f64 / seconds;
+    if !latency.is_empty() {
+        r.latency_us_p50 = latency.value_at_quantile(0.5);
+        r.latency_us_p99 = latency.value_at_quantile(0.99);
+        r.latency_us_p999 = latency.value_at_quantile(0.999);
+        r.latency_us_max = latency.max();
+    }
+    host.stop().await;
+    Ok(r)
+}
+
+/// Subscribe round trips (connect once, subscribe and unsubscribe `n` times)
+/// for an event of `devices` devices: milliseconds per subscribe.
+pub async fn snapshot_latency(
+    t: &Target,
+    event: usize,
+    devices_per_event: usize,
+    n: usize,
+) -> anyhow::Result<(Vec<f64>, usize)> {
+    let directus = DirectusStandIn::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
+    directus.add_user(
+        TOKEN,
+        StandInUser {
+            id: Uuid::from_u128(1),
+            email: "load@livecast.invalid".into(),
+            role: None,
+            events: [event_id(event)].into(),
+        },
+    );
+    let host = HostProcess::start(t, &directus, &[]).await?;
+    let mut req = host.ws_url.as_str().into_client_request()?;
+    req.headers_mut()
+        .insert("cookie", format!("directus_session_token={TOKEN}").parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let mut times = Vec::with_capacity(n);
+    let mut size = 0;
+    let topic = format!("event:{}", event_id(event));
+    for i in 0..n + 3 {
+        let t0 = Instant::now();
+        ws.send(Message::Text(
+            format!(r#"{{"type":"subscribe","topic":"{topic}","id":"{i}"}}"#).into(),
+        ))
+        .await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(m))) if m.starts_with(r#"{"type":"subscribed""#) => {
+                    let v: serde_json::Value = serde_json::from_str(&m)?;
+                    size = v["snapshot"].as_array().map_or(0, Vec::len);
+                    break;
+                }
+                Some(Ok(Message::Text(m))) if m.starts_with(r#"{"type":"error""#) => {
+                    anyhow::bail!("{m}")
+                }
+                Some(Ok(_)) => {}
+                _ => anyhow::bail!("connection ended"),
+            }
+        }
+        // The first subscribes warm the pool and the caches.
+        if i >= 3 {
+            times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        ws.send(Message::Text(
+            format!(r#"{{"type":"unsubscribe","topic":"{topic}","id":"u{i}"}}"#).into(),
+        ))
+        .await?;
+    }
+    let _ = devices_per_event;
+    host.stop().await;
+    Ok((times, size))
+}
+
+/// Fills `positions` to at least `rows` rows for event `event`'s devices
+/// (kept between runs; generated once).
+pub async fn ensure_positions(
+    db: &PgPool,
+    event: usize,
+    devices: usize,
+    rows: i64,
+) -> anyhow::Result<i64> {
+    let have: i64 = sqlx::query_scalar("SELECT count(*) FROM positions")
+        .fetch_one(db)
+        .await?;
+    if have >= rows {
+        return Ok(have);
+    }
+    let per_device = (rows - have + devices as i64 - 1) / devices as i64;
+    let start: i64 = sqlx::query_scalar(
+        "SELECT coalesce(extract(epoch FROM max(ts))::int8, 1767225600) + 1 FROM positions",
+    )
+    .fetch_one(db)
+    .await?;
+    // In slices, so progress is visible and one statement stays reasonable.
+    let slice = 50_i64;
+    let mut d0 = 0;
+    while d0 < devices as i64 {
+        let d1 = (d0 + slice).min(devices as i64);
+        sqlx::query(
+            "INSERT INTO positions (device_id, ts, latitude, longitude, altitude, angle, speed, satellites, priority, attributes, codec, faulty) \
+             SELECT '35' || lpad($1::text, 5, '0') || lpad(d::text, 8, '0'), to_timestamp($4 + s), 41.3 + s * 1e-6, 19.8, 100, 90, 50, 9, 0, \
+                    '{\"239\": 1, \"66\": 12841}', '8E', s % 97 = 0 \
+             FROM generate_series($2, $3 - 1) d, generate_series(0, $5 - 1) s",
+        )
+        .bind(event as i64)
+        .bind(d0)
+        .bind(d1)
+        .bind(start)
+        .bind(per_device)
+        .execute(db)
+        .await?;
+        d0 = d1;
+        eprintln!("  positions: devices {d1}/{devices}");
+    }
+    sqlx::query("ANALYZE positions").execute(db).await?;
+    Ok(sqlx::query_scalar("SELECT count(*) FROM positions")
+        .fetch_one(db)
+        .await?)
+}
+
+/// Percentile of sorted samples.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// Writes reports as JSON next to earlier runs; returns the file.
+pub fn save(dir: &Path, name: &str, value: &impl Serialize) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let path = dir.join(format!("{name}-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(value)?)?;
+    Ok(path)
+}
+
+/// A table of reports, one row each.
+pub fn table(reports: &[Report]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<12} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>9}\n",
+        "scenario", "clients", "stuck", "rate", "published", "expected", "received", "lost", "dup", "deliv/s",
+        "p50 us", "p99 us", "p999 us", "max us", "rss KiB", "peak KiB", "B/conn", "cpu %", "conflated"
+    ));
+    for r in reports {
+        out.push_str(&format!(
+            "{:<12} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8.0} {:>6.0} {:>9}\n",
+            r.scenario,
+            r.clients,
+            r.stuck_clients,
+            r.rate,
+            r.records_published,
+            r.deliveries_expected,
+            r.deliveries_received,
+            r.lost,
+            r.duplicated + r.out_of_order,
+            r.deliveries_per_s,
+            r.latency_us_p50,
+            r.latency_us_p99,
+            r.latency_us_p999,
+            r.latency_us_max,
+            r.host_rss_kib_with_clients,
+            r.host_rss_kib_peak,
+            r.rss_bytes_per_connection,
+            r.host_cpu_percent,
+            r.conflated
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(e: usize, d: usize, seq: u64) -> String {
+        let p = payload(e, d, seq, 1_700_000_000_000);
+        let v: serde_json::Value = serde_json::from_str(&p).expect("payload");
+        format!(
+            r#"{{"type":"position","topic":"event:x","deviceId":"{}","lat":1,"lon":2,"ts":3,"attributes":{}}}"#,
+            v["device_id"].as_str().unwrap_or_default(),
+            v["attributes"]
+        )
+    }
+
+    #[test]
+    fn counts_each_delivery_and_detects_loss_duplicates_and_reordering() {
+        let mut a = Account::new(4);
+        for seq in [1, 2, 3] {
+            assert!(a.position(frame(0, 1, seq).as_bytes(), 2, now_us()));
+        }
+        assert!(a.position(frame(1, 0, 1).as_bytes(), 2, now_us()));
+        assert_eq!((a.received, a.duplicated, a.out_of_order), (4, 0, 0));
+        // Device 1 published 3, device 2 published 2: one record of device 2 lost.
+        assert_eq!(a.lost(&[0, 3, 2, 0]), 1);
+        assert!(a.position(frame(0, 1, 3).as_bytes(), 2, now_us()));
+        assert_eq!(a.duplicated, 1, "a repeated record is a duplicate");
+        assert!(a.position(frame(0, 1, 2).as_bytes(), 2, now_us()));
+        assert_eq!(a.out_of_order, 1, "an older record after a newer one");
+        assert!(!a.position(br#"{"type":"position","deviceId":"x"}"#, 2, now_us()));
+        assert_eq!(a.latency.as_ref().map(|h| h.len()), Some(6));
+    }
+
+    #[test]
+    fn imeis_round_trip() {
+        assert_eq!(device_index(imei(3, 17).as_bytes(), 50), Some(167));
+        assert_eq!(imei(3, 17).len(), 15);
+    }
+}
