@@ -7,22 +7,15 @@ use crate::{Config, Host};
 /// Live GPS positions over WebSocket. Every setting is an environment
 /// variable (shown in brackets) or the matching flag.
 #[derive(Parser)]
-#[command(
-    name = "livecast",
-    version,
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
-)]
+#[command(name = "livecast", version)]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
-    #[command(flatten)]
-    config: Option<Config>,
+    command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the live channel (the default).
+    /// Serve the live channel (the default when no command is given).
     Serve {
         #[command(flatten)]
         config: Box<Config>,
@@ -34,21 +27,40 @@ enum Command {
     Watch(crate::dev::watch::WatchArgs),
 }
 
+/// The arguments, with `serve` inserted when no command is named, so that
+/// `livecast` alone (or with setting flags) serves, as a container expects.
+fn arguments() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let named = args.get(1).and_then(|a| a.to_str()).is_some_and(|a| {
+        [
+            "serve",
+            "demo",
+            "watch",
+            "help",
+            "-h",
+            "--help",
+            "-V",
+            "--version",
+        ]
+        .contains(&a)
+    });
+    if !named {
+        args.insert(1.min(args.len()), "serve".into());
+    }
+    args
+}
+
 /// Runs the command line and returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let config = match cli.command {
-        Some(Command::Serve { config }) => *config,
-        Some(Command::Demo(args)) => return tool(crate::dev::demo::run(args)),
-        Some(Command::Watch(args)) => return tool(crate::dev::watch::run(args)),
-        None => match cli.config {
-            Some(c) => c,
-            None => {
-                eprintln!("livecast: missing configuration");
-                return std::process::ExitCode::from(2);
-            }
-        },
+    let config = match Cli::parse_from(arguments()).command {
+        Command::Serve { config } => *config,
+        Command::Demo(args) => return tool(crate::dev::demo::run(args)),
+        Command::Watch(args) => return tool(crate::dev::watch::run(args)),
     };
+    livecast_main(config)
+}
+
+fn livecast_main(config: Config) -> std::process::ExitCode {
     crate::logging::init(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

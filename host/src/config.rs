@@ -195,17 +195,14 @@ impl Config {
     }
 
     /// A configuration for tests and the demo: every default, with the three
-    /// service addresses given.
+    /// service addresses given. The environment is not read, so a developer's
+    /// shell settings never leak into a test or the demo.
     pub fn with_services(directus: reqwest::Url, redis_url: &str, postgres_url: &str) -> Self {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Only {
-            #[command(flatten)]
-            config: Config,
-        }
-        // Parsing an empty command line with explicit values keeps the defaults
-        // in one place (the attributes above) instead of repeating them here.
-        let mut cfg = Only::parse_from([
+        use clap::{Command, FromArgMatches};
+        let cmd = Config::augment_args(Command::new("livecast")).mut_args(|a| a.env(None::<&str>));
+        // Parsing a command line keeps the defaults in one place (the
+        // attributes above) instead of repeating them here.
+        let matches = cmd.get_matches_from([
             "livecast",
             "--directus-base-url",
             directus.as_str(),
@@ -213,8 +210,8 @@ impl Config {
             redis_url,
             "--postgres-url",
             postgres_url,
-        ])
-        .config;
+        ]);
+        let mut cfg = Config::from_arg_matches(&matches).expect("the defaults parse");
         cfg.directus_base_url = directus;
         cfg
     }

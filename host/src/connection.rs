@@ -194,10 +194,14 @@ impl Conn {
                 Drained::Overflow => return End::Slow,
                 Drained::Frames { more } => more,
             };
-            if !frames.is_empty()
-                && let Err(end) = write(ws, &mut frames, slow).await
-            {
-                return end;
+            if !frames.is_empty() {
+                if let Err(end) = write(ws, &mut frames, slow).await {
+                    return end;
+                }
+                // A burst grew the batch; an idle connection gives it back.
+                if !more && frames.capacity() > 16 {
+                    frames = Vec::new();
+                }
             }
             while self.in_flight.is_none() {
                 let Some(req) = self.queue.pop_front() else {

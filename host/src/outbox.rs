@@ -9,7 +9,7 @@
 //!
 //! The record path calls [`Outbox::push_position`] once per subscriber: a lock,
 //! an integer-keyed lookup and a reference-count increment, with no allocation
-//! once the connection's slots exist.
+//! once the connection's maps have grown to its devices.
 //!
 //! The writer sends control messages before positions, so a `subscribed`
 //! message always precedes the positions of its topic. While a subscription's
@@ -34,21 +34,23 @@ fn topic_of(key: u64) -> TopicIdx {
     (key >> 32) as TopicIdx
 }
 
-#[derive(Default)]
-struct Slot {
-    /// `ts` of the newest position the client has (sent, or in its snapshot).
-    floor: i64,
-    /// The newest position not yet sent.
-    pending: Option<(i64, Bytes)>,
-    /// Whether the key is in `ready`.
-    queued: bool,
-}
+/// Below these capacities an idle connection keeps its buffers; above, an
+/// emptied one gives the memory back (a burst must not cost an idle client
+/// forever).
+const KEEP_PENDING: usize = 32;
+const KEEP_READY: usize = 64;
 
 #[derive(Default)]
 struct Inner {
     control: VecDeque<Bytes>,
     control_bytes: usize,
-    slots: FxHashMap<u64, Slot>,
+    /// Per (topic, device): `ts` of the newest position the client has
+    /// (sent, or in its snapshot). Positions at or below it are stale.
+    floors: FxHashMap<u64, i64>,
+    /// Per (topic, device): the newest position not sent yet.
+    pending: FxHashMap<u64, (i64, Bytes)>,
+    /// Keys of `pending` in the order they became ready to send. A key can
+    /// linger after an unsubscribe removed its position; drain skips it.
     ready: VecDeque<u64>,
     held: Vec<TopicIdx>,
     overflow: bool,
@@ -58,6 +60,10 @@ struct Inner {
 impl Inner {
     fn is_empty(&self) -> bool {
         self.control.is_empty() && self.ready.is_empty()
+    }
+
+    fn stale(&self, k: u64, ts: i64) -> bool {
+        self.floors.get(&k).is_some_and(|f| ts <= *f)
     }
 }
 
@@ -119,24 +125,25 @@ impl Outbox {
         if inner.closed {
             return Pushed::Closed;
         }
-        let was_empty = inner.is_empty();
-        let held = inner.held.contains(&topic);
         let k = key(topic, device);
-        let slot = inner.slots.entry(k).or_insert(Slot {
-            floor: i64::MIN,
-            ..Slot::default()
-        });
-        if ts <= slot.floor || slot.pending.as_ref().is_some_and(|(p, _)| ts <= *p) {
+        if inner.stale(k, ts) {
             return Pushed::Stale;
         }
-        let replaced = slot.pending.replace((ts, msg.clone())).is_some();
-        if replaced {
-            return Pushed::Conflated;
+        let was_empty = inner.is_empty();
+        let held = inner.held.contains(&topic);
+        match inner.pending.get_mut(&k) {
+            Some((p, _)) if ts <= *p => return Pushed::Stale,
+            Some(slot) => {
+                *slot = (ts, msg.clone());
+                return Pushed::Conflated;
+            }
+            None => {
+                inner.pending.insert(k, (ts, msg.clone()));
+            }
         }
-        if held || slot.queued {
+        if held {
             return Pushed::Queued;
         }
-        slot.queued = true;
         inner.ready.push_back(k);
         drop(inner);
         if was_empty {
@@ -184,27 +191,26 @@ impl Outbox {
         let mut inner = self.lock();
         inner.held.retain(|t| *t != topic);
         for &(device, ts) in snapshot {
-            let slot = inner.slots.entry(key(topic, device)).or_default();
-            slot.floor = slot.floor.max(ts);
-            if slot.pending.as_ref().is_some_and(|(p, _)| *p <= slot.floor) {
-                slot.pending = None;
+            let k = key(topic, device);
+            let floor = inner.floors.entry(k).or_insert(ts);
+            *floor = (*floor).max(ts);
+            let floor = *floor;
+            if inner.pending.get(&k).is_some_and(|(p, _)| *p <= floor) {
+                inner.pending.remove(&k);
             }
         }
         self.push_control_locked(&mut inner, subscribed);
-        let Inner { slots, ready, .. } = &mut *inner;
-        for (k, slot) in slots.iter_mut() {
-            if topic_of(*k) == topic && slot.pending.is_some() && !slot.queued {
-                slot.queued = true;
-                ready.push_back(*k);
-            }
-        }
+        let Inner { pending, ready, .. } = &mut *inner;
+        ready.extend(pending.keys().filter(|k| topic_of(**k) == topic));
     }
 
-    /// Drops a topic's slots (and any hold) and queues its `unsubscribed`.
+    /// Drops a topic's positions and floors (and any hold) and queues its
+    /// `unsubscribed`.
     pub fn remove_topic(&self, topic: TopicIdx, unsubscribed: Option<Bytes>) {
         let mut inner = self.lock();
         inner.held.retain(|t| *t != topic);
-        inner.slots.retain(|k, _| topic_of(*k) != topic);
+        inner.pending.retain(|k, _| topic_of(*k) != topic);
+        inner.floors.retain(|k, _| topic_of(*k) != topic);
         if let Some(msg) = unsubscribed {
             self.push_control_locked(&mut inner, msg);
         }
@@ -224,18 +230,30 @@ impl Outbox {
             inner.control_bytes -= msg.len();
             out.push(msg);
         }
-        let Inner { slots, ready, .. } = &mut *inner;
+        let Inner {
+            floors,
+            pending,
+            ready,
+            ..
+        } = &mut *inner;
         while out.len() < max {
             let Some(k) = ready.pop_front() else {
                 break;
             };
-            // A slot removed by an unsubscribe leaves its key behind.
-            if let Some(slot) = slots.get_mut(&k) {
-                slot.queued = false;
-                if let Some((ts, msg)) = slot.pending.take() {
-                    slot.floor = ts;
-                    out.push(msg);
-                }
+            if let Some((ts, msg)) = pending.remove(&k) {
+                floors.insert(k, ts);
+                out.push(msg);
+            }
+        }
+        if ready.is_empty() {
+            if pending.is_empty() && pending.capacity() > KEEP_PENDING {
+                *pending = FxHashMap::default();
+            }
+            if ready.capacity() > KEEP_READY {
+                *ready = VecDeque::new();
+            }
+            if inner.control.is_empty() && inner.control.capacity() > KEEP_READY {
+                inner.control = VecDeque::new();
             }
         }
         Drained::Frames {
@@ -245,11 +263,7 @@ impl Outbox {
 
     /// Positions waiting to be sent (at most one per topic and device).
     pub fn pending_positions(&self) -> usize {
-        self.lock()
-            .slots
-            .values()
-            .filter(|s| s.pending.is_some())
-            .count()
+        self.lock().pending.len()
     }
 
     /// Waits until something may have been queued.
@@ -261,8 +275,9 @@ impl Outbox {
     pub fn close(&self) {
         let mut inner = self.lock();
         inner.closed = true;
-        inner.control.clear();
-        inner.slots = FxHashMap::default();
+        inner.control = VecDeque::new();
+        inner.floors = FxHashMap::default();
+        inner.pending = FxHashMap::default();
         inner.ready = VecDeque::new();
     }
 }

@@ -51,6 +51,10 @@ pub struct DemoArgs {
     /// Interval between two positions of one device, ms.
     #[arg(long, default_value_t = 1000)]
     interval_ms: u64,
+    /// A filter chain file to run instead of the pass-through plugin; it is
+    /// hot-reloaded on change, as in production.
+    #[arg(long, env = "LIVE_FILTER_CHAIN")]
+    filter_chain: Option<std::path::PathBuf>,
 }
 
 fn imei(i: u32) -> String {
@@ -88,6 +92,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     config.redis_telemetry_stream = DEMO_STREAM.into();
     config.instance_id = Some("demo".into());
     config.live_device_event_refresh_ms = 5_000;
+    config.live_filter_chain = args.filter_chain.clone();
     let host = Host::bind(config).await?;
     let ws = host.ws_addr();
     let metrics = host.metrics_addr();
@@ -109,6 +114,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.devices
     );
     println!("  session     cookie directus_session_token={DEMO_TOKEN}");
+    println!("  Directus    {} (stand-in)", standin.url());
+    if let Some(chain) = &args.filter_chain {
+        println!("  filters     {} (reloaded on change)", chain.display());
+    }
     println!();
     println!("  Watch the feed (in another terminal):");
     println!(

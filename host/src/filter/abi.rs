@@ -121,12 +121,14 @@ fn read_u32(mem: &[u8], at: usize) -> Option<u32> {
 }
 
 /// Reads the output table at `ptr` in `mem`, which must hold `expected`
-/// verdicts. `Err` names the broken rule.
-pub fn read_output(
-    mem: &[u8],
+/// verdicts, turning each into a `T` with `each` (which may reject it).
+/// `Err` names the broken rule.
+pub fn read_output<'m, T>(
+    mem: &'m [u8],
     ptr: u32,
     expected: usize,
-) -> Result<Vec<RawVerdict<'_>>, &'static str> {
+    mut each: impl FnMut(RawVerdict<'m>) -> Result<T, &'static str>,
+) -> Result<Vec<T>, &'static str> {
     if ptr == 0 {
         return Err("the plugin returned 0 (failure)");
     }
@@ -135,25 +137,20 @@ pub fn read_output(
     if n != expected {
         return Err("output count differs from the input");
     }
-    let end = base
+    let table = base
         .checked_add(4)
-        .and_then(|b| n.checked_mul(12).and_then(|t| b.checked_add(t)))
+        .and_then(|b| Some((b, b.checked_add(n.checked_mul(12)?)?)))
+        .and_then(|(b, e)| mem.get(b..e))
         .ok_or("output table outside memory")?;
-    if end > mem.len() {
-        return Err("output table outside memory");
-    }
     let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let at = base + 4 + 12 * i;
-        let (verdict, p, len) = (
-            read_u32(mem, at).ok_or("output table outside memory")?,
-            read_u32(mem, at + 4).ok_or("output table outside memory")? as usize,
-            read_u32(mem, at + 8).ok_or("output table outside memory")? as usize,
-        );
-        out.push(match verdict {
+    for entry in table.chunks_exact(12) {
+        let word =
+            |i: usize| u32::from_le_bytes([entry[i], entry[i + 1], entry[i + 2], entry[i + 3]]);
+        let verdict = match word(0) {
             PASS => RawVerdict::Pass,
             DROP => RawVerdict::Drop,
             REPLACE => {
+                let (p, len) = (word(4) as usize, word(8) as usize);
                 let bytes = p
                     .checked_add(len)
                     .and_then(|e| mem.get(p..e))
@@ -161,7 +158,8 @@ pub fn read_output(
                 RawVerdict::Replace(bytes)
             }
             _ => return Err("unknown verdict"),
-        });
+        };
+        out.push(each(verdict)?);
     }
     Ok(out)
 }
@@ -215,19 +213,19 @@ mod tests {
         put(&mut mem, 28, 50);
         put(&mut mem, 32, 4);
         mem[50..54].copy_from_slice(b"{xy}");
+        fn read(mem: &[u8], ptr: u32, n: usize) -> Result<Vec<RawVerdict<'_>>, &'static str> {
+            read_output(mem, ptr, n, Ok)
+        }
         assert_eq!(
-            read_output(&mem, 8, 2),
+            read(&mem, 8, 2),
             Ok(vec![RawVerdict::Pass, RawVerdict::Replace(b"{xy}")])
         );
-        assert!(read_output(&mem, 8, 3).is_err(), "count mismatch");
-        assert!(read_output(&mem, 0, 2).is_err(), "0 is failure");
-        assert!(read_output(&mem, 62, 2).is_err(), "table outside memory");
+        assert!(read(&mem, 8, 3).is_err(), "count mismatch");
+        assert!(read(&mem, 0, 2).is_err(), "0 is failure");
+        assert!(read(&mem, 62, 2).is_err(), "table outside memory");
         put(&mut mem, 32, 40);
-        assert!(
-            read_output(&mem, 8, 2).is_err(),
-            "replacement outside memory"
-        );
+        assert!(read(&mem, 8, 2).is_err(), "replacement outside memory");
         put(&mut mem, 24, 9);
-        assert!(read_output(&mem, 8, 2).is_err(), "unknown verdict");
+        assert!(read(&mem, 8, 2).is_err(), "unknown verdict");
     }
 }

@@ -8,9 +8,13 @@ use std::time::Duration;
 
 use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc};
 
+use bytes::Bytes;
+
 use super::abi::{self, AudienceRef, RawVerdict};
 use super::engine::{Compiled, EPOCH_TICK, FilterEngine};
+use super::plugin::Decided;
 use crate::ratelimit::LogLimiter;
+use crate::record::Position;
 
 /// Why a call failed. The names are metric labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,14 +120,6 @@ pub fn link_log(linker: &mut Linker<Sandbox>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// What a plugin decided for one item.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Pass,
-    Drop,
-    Replace(Vec<u8>),
-}
-
 /// A live instance.
 pub struct Instance {
     store: Store<Sandbox>,
@@ -198,7 +194,7 @@ impl Instance {
             .input(cfg.len())
             .map_err(|f| Failure::Init(format!("init: {f}")))?;
         inst.memory.data_mut(&mut inst.store)[ptr..ptr + cfg.len()].copy_from_slice(cfg);
-        inst.store.set_epoch_deadline(inst.deadline_ticks);
+        inst.arm();
         match init.call(&mut inst.store, (ptr as i32, cfg.len() as i32)) {
             Ok(0) => Ok(inst),
             Ok(_) => {
@@ -212,6 +208,13 @@ impl Instance {
             }
             Err(e) => Err(Failure::Init(format!("init {}", inst.classify(e)))),
         }
+    }
+
+    /// Before each call: a fresh deadline, and forget a refused memory grow
+    /// the guest survived (it must not turn a later failure into `memory`).
+    fn arm(&mut self) {
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.data_mut().memory_denied = false;
     }
 
     fn classify(&mut self, e: wasmtime::Error) -> Failure {
@@ -232,7 +235,7 @@ impl Instance {
             let want = len.max(4096).next_power_of_two();
             let size = i32::try_from(want)
                 .map_err(|_| Failure::Malformed("batch too large for a 32-bit guest"))?;
-            self.store.set_epoch_deadline(self.deadline_ticks);
+            self.arm();
             let ptr = match self.reserve.call(&mut self.store, size) {
                 Ok(p) => p as u32,
                 Err(e) => return Err(self.classify(e)),
@@ -251,7 +254,7 @@ impl Instance {
     }
 
     /// Runs `filter_batch` over `records`.
-    pub fn filter(&mut self, records: &[&[u8]]) -> Result<Vec<Outcome>, Failure> {
+    pub fn filter(&mut self, records: &[&[u8]]) -> Result<Vec<Decided>, Failure> {
         let len = abi::filter_input_len(records);
         let ptr = self.input(len)?;
         abi::write_filter_input(
@@ -268,9 +271,9 @@ impl Instance {
         records: &[&[u8]],
         audiences: &[AudienceRef<'_>],
         pairs: &[(u32, u32)],
-    ) -> Result<Vec<Outcome>, Failure> {
+    ) -> Result<Vec<Decided>, Failure> {
         let Some(func) = self.deliver.clone() else {
-            return Ok(vec![Outcome::Pass; pairs.len()]);
+            return Ok(vec![Decided::Pass; pairs.len()]);
         };
         let len = abi::deliver_input_len(records, audiences, pairs);
         let ptr = self.input(len)?;
@@ -289,21 +292,23 @@ impl Instance {
         ptr: usize,
         len: usize,
         n: usize,
-    ) -> Result<Vec<Outcome>, Failure> {
-        self.store.set_epoch_deadline(self.deadline_ticks);
+    ) -> Result<Vec<Decided>, Failure> {
+        self.arm();
         let out = match func.call(&mut self.store, (ptr as i32, len as i32)) {
             Ok(out) => out as u32,
             Err(e) => return Err(self.classify(e)),
         };
         let mem = self.memory.data(&self.store);
-        let verdicts = abi::read_output(mem, out, n).map_err(Failure::Malformed)?;
-        Ok(verdicts
-            .into_iter()
-            .map(|v| match v {
-                RawVerdict::Pass => Outcome::Pass,
-                RawVerdict::Drop => Outcome::Drop,
-                RawVerdict::Replace(b) => Outcome::Replace(b.to_vec()),
-            })
-            .collect())
+        // Replacements are checked here, while they are still in the guest's
+        // memory: one that is not a valid record makes the whole call fail.
+        abi::read_output(mem, out, n, |v| match v {
+            RawVerdict::Pass => Ok(Decided::Pass),
+            RawVerdict::Drop => Ok(Decided::Drop),
+            RawVerdict::Replace(b) => match Position::decode(b) {
+                Ok(p) => Ok(Decided::Replace(Bytes::copy_from_slice(b), p)),
+                Err(_) => Err("a replacement is not a valid record"),
+            },
+        })
+        .map_err(Failure::Malformed)
     }
 }

@@ -20,7 +20,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use super::FilterMetrics;
 use super::config::{PluginSpec, Policy};
 use super::engine::{Compiled, FilterEngine};
-use super::instance::{Failure, Instance, Outcome};
+use super::instance::{Failure, Instance};
 use crate::ratelimit::LogLimiter;
 use crate::record::Position;
 
@@ -165,7 +165,7 @@ impl Plugin {
     fn guarded(
         &mut self,
         n: usize,
-        call: impl Fn(&mut Instance, Range<usize>) -> Result<Vec<Outcome>, Failure>,
+        call: impl Fn(&mut Instance, Range<usize>) -> Result<Vec<Decided>, Failure>,
     ) -> Vec<Decided> {
         if n == 0 {
             return Vec::new();
@@ -189,13 +189,19 @@ impl Plugin {
                 }
             }
         };
+        // Counted per batch: an atomic per record would cost more than the
+        // pass-through plugin itself.
+        let (mut passed, mut dropped, mut replaced) = (0, 0, 0);
         for d in &out {
             match d {
-                Decided::Pass => self.m.passed.inc(),
-                Decided::Drop => self.m.dropped.inc(),
-                Decided::Replace(..) => self.m.replaced.inc(),
-            };
+                Decided::Pass => passed += 1,
+                Decided::Drop => dropped += 1,
+                Decided::Replace(..) => replaced += 1,
+            }
         }
+        self.m.passed.inc_by(passed);
+        self.m.dropped.inc_by(dropped);
+        self.m.replaced.inc_by(replaced);
         self.m
             .batch_ms
             .observe(started.elapsed().as_secs_f64() * 1000.0);
@@ -206,7 +212,7 @@ impl Plugin {
     fn isolate(
         &mut self,
         n: usize,
-        call: &impl Fn(&mut Instance, Range<usize>) -> Result<Vec<Outcome>, Failure>,
+        call: &impl Fn(&mut Instance, Range<usize>) -> Result<Vec<Decided>, Failure>,
     ) -> Vec<Decided> {
         let mut out = Vec::with_capacity(n);
         let mut failures = if n == 1 { 1 } else { 0 };
@@ -244,7 +250,7 @@ impl Plugin {
     fn attempt(
         &mut self,
         range: Range<usize>,
-        call: &impl Fn(&mut Instance, Range<usize>) -> Result<Vec<Outcome>, Failure>,
+        call: &impl Fn(&mut Instance, Range<usize>) -> Result<Vec<Decided>, Failure>,
     ) -> Result<Vec<Decided>, Failure> {
         if self.instance.is_none() {
             self.instance = Some(Instance::start(
@@ -259,19 +265,7 @@ impl Plugin {
         let Some(inst) = self.instance.as_mut() else {
             return Err(Failure::Init("no instance".into()));
         };
-        let result = call(inst, range).and_then(|outcomes| {
-            outcomes
-                .into_iter()
-                .map(|o| match o {
-                    Outcome::Pass => Ok(Decided::Pass),
-                    Outcome::Drop => Ok(Decided::Drop),
-                    Outcome::Replace(b) => match Position::decode(&b) {
-                        Ok(p) => Ok(Decided::Replace(Bytes::from(b), p)),
-                        Err(_) => Err(Failure::Malformed("a replacement is not a valid record")),
-                    },
-                })
-                .collect()
-        });
+        let result = call(inst, range);
         if result.is_err() {
             self.instance = None;
         }
