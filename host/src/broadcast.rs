@@ -312,9 +312,9 @@ impl Broadcaster {
                     };
                     (msg, records[p.record].position.ts_ms)
                 }
-                Decided::Replace(_, position) => (
-                    protocol::position(&p.topic.prefix, &position.body()),
-                    position.ts_ms,
+                Decided::Replace(r) => (
+                    protocol::position(&p.topic.prefix, &r.position.body()),
+                    r.position.ts_ms,
                 ),
             };
             for (_, outbox) in &p.topic.audiences[p.audience].members {
@@ -383,10 +383,10 @@ impl Broadcaster {
                     ts_ms: l.ts_ms,
                     body: l.body,
                 }),
-                Decided::Replace(_, p) => Some(SnapshotEntry {
-                    body: p.body(),
-                    ts_ms: p.ts_ms,
-                    device: p.device,
+                Decided::Replace(r) => Some(SnapshotEntry {
+                    body: r.position.body(),
+                    ts_ms: r.position.ts_ms,
+                    device: r.position.device,
                 }),
             })
             .collect();

@@ -16,15 +16,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use rustc_hash::FxHashSet;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use uuid::Uuid;
 
 use crate::directus::{Authz, Credential, User};
@@ -34,8 +27,7 @@ use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
 use crate::registry::{ConnId, Identity};
 use crate::server::Shared;
 use crate::snapshot;
-
-pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
+use crate::ws::{Control, Incoming, ReadError, WebSocket};
 
 /// Frames taken from the outbox per flush.
 const FRAMES_PER_FLUSH: usize = 256;
@@ -62,6 +54,10 @@ enum End {
     /// Directus no longer accepts the connection's session (401 at
     /// subscribe): 1008, so the client reconnects with its fresh session.
     SessionExpired,
+    /// A WebSocket protocol violation: 1002.
+    Protocol,
+    /// A text message that is not UTF-8: 1007.
+    InvalidUtf8,
 }
 
 impl End {
@@ -73,6 +69,8 @@ impl End {
             End::TooLarge => Some((1009, "frame too large")),
             End::Slow => Some((1008, "client too slow")),
             End::SessionExpired => Some((1008, "session expired")),
+            End::Protocol => Some((1002, "protocol error")),
+            End::InvalidUtf8 => Some((1007, "text must be UTF-8")),
         }
     }
 
@@ -85,6 +83,8 @@ impl End {
             End::TooLarge => "frame_too_large",
             End::Slow => "slow_client",
             End::SessionExpired => "session_expired",
+            End::Protocol => "protocol_error",
+            End::InvalidUtf8 => "invalid_utf8",
         }
     }
 }
@@ -98,16 +98,6 @@ enum Done {
 }
 
 type InFlight = Pin<Box<dyn Future<Output = Done> + Send>>;
-
-/// Frames built by the host are UTF-8 by construction (JSON written from
-/// `str`s and validated raw JSON), so they skip tungstenite's re-validation,
-/// which would otherwise run once per frame per subscriber.
-fn text(frame: Bytes) -> Message {
-    debug_assert!(std::str::from_utf8(&frame).is_ok());
-    // SAFETY: every frame comes from `protocol` or `record`, which only join
-    // `str` data, validated JSON text and ASCII; see the debug assertion.
-    Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(frame) })
-}
 
 struct Conn {
     shared: Arc<Shared>,
@@ -123,7 +113,7 @@ struct Conn {
 /// Serves one upgraded connection until it ends.
 pub async fn serve(
     shared: Arc<Shared>,
-    mut ws: Ws,
+    mut ws: WebSocket,
     user: User,
     credential: Credential,
     id: ConnId,
@@ -167,27 +157,30 @@ pub async fn serve(
 }
 
 /// Sends a close frame and waits, up to `grace`, for the client's.
-async fn close(ws: &mut Ws, code: u16, reason: &'static str, grace: Duration) {
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from_static(reason),
-    };
+async fn close(ws: &mut WebSocket, code: u16, reason: &'static str, grace: Duration) {
     let _ = tokio::time::timeout(grace, async {
-        if ws.close(Some(frame)).await.is_err() {
+        if ws.send_close(code, reason).await.is_err() {
             return;
         }
-        while let Some(Ok(_)) = ws.next().await {}
+        let mut got = Vec::new();
+        while ws.read(&mut got).await.is_ok() {
+            if got.iter().any(|m| matches!(m, Incoming::Close(_))) {
+                return;
+            }
+            got.clear();
+        }
     })
     .await;
 }
 
 impl Conn {
-    async fn run(&mut self, ws: &mut Ws) -> End {
+    async fn run(&mut self, ws: &mut WebSocket) -> End {
         let interval = self.shared.config.ping_interval();
         let slow = self.shared.config.slow_client_timeout();
         let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
         let mut last_seen = Instant::now();
         let mut frames: Vec<Bytes> = Vec::new();
+        let mut incoming: Vec<Incoming> = Vec::new();
         let shutdown = self.shared.shutdown.clone();
         loop {
             let more = match self.outbox.drain(&mut frames, FRAMES_PER_FLUSH) {
@@ -213,25 +206,34 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
-                msg = ws.next(), if self.queue.len() < MAX_QUEUED_REQUESTS => {
+                read = ws.read(&mut incoming), if self.queue.len() < MAX_QUEUED_REQUESTS => {
                     last_seen = Instant::now();
-                    match msg {
-                        Some(Ok(Message::Text(t))) => self.queue.push_back(protocol::parse(&t)),
-                        Some(Ok(Message::Binary(_))) => return End::Binary,
-                        // tungstenite queued the pong; send it now.
-                        Some(Ok(Message::Ping(_))) => {
-                            if tokio::time::timeout(slow, ws.flush()).await.map_or(true, |r| r.is_err()) {
-                                return End::Slow;
+                    match read {
+                        Ok(()) => {}
+                        Err(ReadError::TooLarge) => return End::TooLarge,
+                        Err(ReadError::Protocol(_)) => return End::Protocol,
+                        Err(ReadError::InvalidUtf8) => return End::InvalidUtf8,
+                        Err(ReadError::Io(_) | ReadError::Eof) => return End::Client,
+                    }
+                    for msg in incoming.drain(..) {
+                        match msg {
+                            Incoming::Text(t) => self.queue.push_back(protocol::parse(&t)),
+                            Incoming::Binary => return End::Binary,
+                            Incoming::Ping(payload) => {
+                                match tokio::time::timeout(slow, ws.send_control(Control::Pong, &payload)).await {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(_)) => return End::Client,
+                                    Err(_) => return End::Slow,
+                                }
+                            }
+                            Incoming::Pong => {}
+                            Incoming::Close(code) => {
+                                // Complete the closing handshake the client started.
+                                let echo = code.filter(|c| (1000..5000).contains(c)).unwrap_or(1000);
+                                let _ = tokio::time::timeout(Duration::from_secs(1), ws.send_close(echo, "")).await;
+                                return End::Client;
                             }
                         }
-                        Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
-                        Some(Ok(Message::Close(_))) => {
-                            // Complete the closing handshake tungstenite started.
-                            let _ = tokio::time::timeout(Duration::from_secs(1), ws.flush()).await;
-                            return End::Client;
-                        }
-                        Some(Err(WsError::Capacity(_))) => return End::TooLarge,
-                        Some(Err(_)) | None => return End::Client,
                     }
                 }
                 done = poll_in_flight(&mut self.in_flight), if self.in_flight.is_some() => {
@@ -250,7 +252,7 @@ impl Conn {
                     if reading && last_seen.elapsed() >= interval * 2 {
                         return End::Silent;
                     }
-                    match tokio::time::timeout(slow, ws.send(Message::Ping(Bytes::new()))).await {
+                    match tokio::time::timeout(slow, ws.send_control(Control::Ping, b"")).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return End::Client,
                         Err(_) => return End::Slow,
@@ -336,15 +338,11 @@ fn poll_in_flight(f: &mut Option<(Uuid, InFlight)>) -> impl Future<Output = Done
     })
 }
 
-/// Feeds the frames to the socket and flushes once.
-async fn write(ws: &mut Ws, frames: &mut Vec<Bytes>, slow: Duration) -> Result<(), End> {
-    let send = async {
-        for f in frames.drain(..) {
-            ws.feed(text(f)).await?;
-        }
-        ws.flush().await
-    };
-    match tokio::time::timeout(slow, send).await {
+/// Writes the frames with as few syscalls as the socket allows.
+async fn write(ws: &mut WebSocket, frames: &mut Vec<Bytes>, slow: Duration) -> Result<(), End> {
+    let result = tokio::time::timeout(slow, ws.send_text(frames)).await;
+    frames.clear();
+    match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(End::Client),
         Err(_) => Err(End::Slow),

@@ -34,6 +34,7 @@ pub mod record;
 pub mod registry;
 pub mod server;
 pub mod snapshot;
+pub mod ws;
 
 pub use config::Config;
 pub use server::Host;

@@ -10,18 +10,17 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::State;
+use axum::http::Request;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::get;
 use hyper_util::rt::TokioIo;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,6 +36,7 @@ use crate::filter::{Chain, ChainSpec, reload};
 use crate::latest::LatestPositions;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::ws::WebSocket;
 
 /// Largest client frame accepted (close 1009 past it).
 pub const MAX_CLIENT_FRAME: usize = 16 * 1024;
@@ -230,13 +230,7 @@ impl Host {
             background.clone(),
         ));
 
-        let ws_app = Router::new()
-            .route("/", any(upgrade))
-            .route("/ws-live", any(upgrade))
-            .with_state(shared.clone());
-        let ws_server = axum::serve(ws_listener, ws_app)
-            .with_graceful_shutdown(shared.shutdown.clone().cancelled_owned());
-        let ws_server = tokio::spawn(async move { ws_server.await });
+        let ws_server = tokio::spawn(serve_websockets(ws_listener, shared.clone()));
         let ops_app = Router::new()
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
@@ -347,7 +341,48 @@ fn plain(status: StatusCode, body: &'static str) -> Response {
     (status, body).into_response()
 }
 
-async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Response {
+/// The WebSocket listener: plain HTTP/1.1 with upgrades, served by hyper
+/// directly so that an upgraded connection is the bare `TcpStream` (the
+/// WebSocket layer writes to it without another buffer in between). It
+/// stops accepting when the host starts shutting down.
+async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
+    let stop = shared.shutdown.clone();
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, typically: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Positions are small and latency matters: no Nagle delay.
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let shared = shared.clone();
+                async move {
+                    let response = match req.uri().path() {
+                        "/" | "/ws-live" => upgrade(shared, req).await,
+                        _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -> Response {
     if shared.shutdown.is_cancelled() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
@@ -388,12 +423,16 @@ async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Respons
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(ws_config()),
-        )
-        .await;
+        // The listener is plain TCP, so the upgraded stream is a TcpStream;
+        // the WebSocket layer writes to it directly.
+        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::error!("upgraded connection is not a TCP stream");
+                return;
+            }
+        };
+        let ws = WebSocket::new(parts.io.into_inner(), &parts.read_buf, MAX_CLIENT_FRAME);
         connection::serve(conn_shared, ws, user, credential, id).await;
     });
     Response::builder()
@@ -403,14 +442,4 @@ async fn upgrade(State(shared): State<Arc<Shared>>, mut req: Request) -> Respons
         .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key))
         .body(Body::empty())
         .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "upgrade failed\n"))
-}
-
-/// Buffers sized for thousands of mostly idle clients: tungstenite's default
-/// allocates a 128 KiB read buffer per connection up front.
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(16 * 1024)
-        .max_message_size(Some(MAX_CLIENT_FRAME))
-        .max_frame_size(Some(MAX_CLIENT_FRAME))
 }

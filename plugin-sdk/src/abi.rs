@@ -351,6 +351,10 @@ impl<P: Plugin> Runtime<P> {
     /// `init`: runs [`Plugin::init`] on the configuration at `ptr .. ptr+len`.
     /// A rejection is logged at level 0, which is how the host learns why.
     pub fn init(&mut self, ptr: usize, len: usize) -> Result<(), String> {
+        // A panic aborts the instance (the host sees a trap); its message is
+        // the only clue the author gets, so send it to the host's log first.
+        #[cfg(target_arch = "wasm32")]
+        std::panic::set_hook(Box::new(|info| log::error(&info.to_string())));
         let result = match self.region.slice(ptr, len).map(core::str::from_utf8) {
             None => Err("init: configuration is outside the input region".to_string()),
             Some(Err(_)) => Err("init: configuration is not UTF-8".to_string()),

@@ -10,6 +10,7 @@ use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc};
 
 use bytes::Bytes;
 
+use super::Record;
 use super::abi::{self, AudienceRef, RawVerdict};
 use super::engine::{Compiled, EPOCH_TICK, FilterEngine};
 use super::plugin::Decided;
@@ -305,7 +306,10 @@ impl Instance {
             RawVerdict::Pass => Ok(Decided::Pass),
             RawVerdict::Drop => Ok(Decided::Drop),
             RawVerdict::Replace(b) => match Position::decode(b) {
-                Ok(p) => Ok(Decided::Replace(Bytes::copy_from_slice(b), p)),
+                Ok(position) => Ok(Decided::Replace(Box::new(Record {
+                    payload: Bytes::copy_from_slice(b),
+                    position,
+                }))),
                 Err(_) => Err("a replacement is not a valid record"),
             },
         })

@@ -101,8 +101,8 @@ impl Chain {
             records.retain_mut(|r| match decided.next() {
                 Some(Decided::Pass) | None => true,
                 Some(Decided::Drop) => false,
-                Some(Decided::Replace(payload, position)) => {
-                    *r = Record { payload, position };
+                Some(Decided::Replace(replacement)) => {
+                    *r = *replacement;
                     true
                 }
             });
@@ -127,8 +127,8 @@ impl Chain {
                     let r = match d {
                         Decided::Drop => continue,
                         Decided::Pass => r,
-                        Decided::Replace(payload, _) => {
-                            recs.push(payload);
+                        Decided::Replace(replacement) => {
+                            recs.push(&replacement.payload);
                             (recs.len() - 1) as u32
                         }
                     };

@@ -1,0 +1,482 @@
+//! The server side of the WebSocket protocol (RFC 6455), after the upgrade,
+//! on the raw TCP stream.
+//!
+//! Why not tungstenite here: it copies every outgoing frame into a
+//! per-connection buffer that keeps its largest size for good (a snapshot of
+//! 50 devices left ~16 KiB behind on every idle connection), and it allocates
+//! its read buffer up front. This module writes frames straight from the
+//! shared `Bytes` of the record path with one vectored write per batch (no
+//! copy), and holds no buffer at all while a connection is idle. It does
+//! only what a live-position server needs: no extensions, no subprotocols,
+//! text in (≤ 16 KiB per message), text out.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Opcodes.
+const CONTINUATION: u8 = 0x0;
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+/// Frames written per vectored write (two slices each; IOV_MAX is 1024).
+const FRAMES_PER_WRITE: usize = 256;
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 2048;
+
+/// A message from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Text(String),
+    Binary,
+    Ping(Bytes),
+    Pong,
+    /// The client closes, with its status code if it gave one.
+    Close(Option<u16>),
+}
+
+/// Why reading stopped.
+#[derive(Debug)]
+pub enum ReadError {
+    /// A message over the limit: close with 1009.
+    TooLarge,
+    /// A protocol violation: close with 1002.
+    Protocol(&'static str),
+    /// A text message that is not UTF-8: close with 1007.
+    InvalidUtf8,
+    /// The connection is gone.
+    Io(io::Error),
+    Eof,
+}
+
+/// One WebSocket connection.
+pub struct WebSocket {
+    stream: TcpStream,
+    decoder: Decoder,
+    /// Frames queued for the socket, and how much of the first one is
+    /// already written: a write cut short (a timeout) resumes exactly where
+    /// it stopped, so a close frame never lands in the middle of another.
+    out: VecDeque<OutFrame>,
+    written: usize,
+}
+
+/// A server frame: its header and the shared payload.
+struct OutFrame {
+    header: [u8; 10],
+    header_len: u8,
+    payload: Bytes,
+}
+
+impl OutFrame {
+    fn new(opcode: u8, payload: Bytes) -> Self {
+        let mut header = [0u8; 10];
+        let len = payload.len();
+        header[0] = 0x80 | opcode;
+        let header_len = match len {
+            0..=125 => {
+                header[1] = len as u8;
+                2
+            }
+            126..=65535 => {
+                header[1] = 126;
+                header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                4
+            }
+            _ => {
+                header[1] = 127;
+                header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+                10
+            }
+        };
+        Self {
+            header,
+            header_len,
+            payload,
+        }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.header_len) + self.payload.len()
+    }
+}
+
+/// Client frames to messages: the reading half, independent of the socket.
+#[derive(Default)]
+struct Decoder {
+    /// Bytes of an incomplete frame; empty (and unallocated) when idle.
+    pending: Vec<u8>,
+    /// The payload of a fragmented message being received.
+    message: Vec<u8>,
+    fragmented: Option<u8>,
+    max_message: usize,
+}
+
+impl WebSocket {
+    /// Wraps an upgraded stream; `already_read` is what the HTTP layer read
+    /// past the upgrade request.
+    pub fn new(stream: TcpStream, already_read: &[u8], max_message: usize) -> Self {
+        Self {
+            stream,
+            decoder: Decoder {
+                pending: already_read.to_vec(),
+                max_message,
+                ..Decoder::default()
+            },
+            out: VecDeque::new(),
+            written: 0,
+        }
+    }
+
+    /// Waits for the next messages and appends them to `out`. Cancel-safe:
+    /// nothing read is lost if the future is dropped.
+    pub async fn read(&mut self, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        loop {
+            self.decoder.parse(out)?;
+            if !out.is_empty() {
+                return Ok(());
+            }
+            self.stream.readable().await.map_err(ReadError::Io)?;
+            let mut chunk = [0u8; READ_CHUNK];
+            match self.stream.try_read(&mut chunk) {
+                Ok(0) => return Err(ReadError::Eof),
+                Ok(n) => self.decoder.pending.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// Sends text frames with as few writes as the socket allows, straight
+    /// from the shared bytes.
+    pub async fn send_text(&mut self, frames: &[Bytes]) -> io::Result<()> {
+        self.out
+            .extend(frames.iter().map(|f| OutFrame::new(TEXT, f.clone())));
+        self.flush().await
+    }
+
+    /// Sends a control frame (ping, pong, close) after what is queued.
+    pub async fn send_control(&mut self, opcode: Control, payload: &[u8]) -> io::Result<()> {
+        let payload = &payload[..payload.len().min(125)];
+        self.out
+            .push_back(OutFrame::new(opcode as u8, Bytes::copy_from_slice(payload)));
+        self.flush().await
+    }
+
+    /// Sends a close frame with `code` and `reason`, after what is queued.
+    pub async fn send_close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason.as_bytes());
+        self.send_control(Control::Close, &payload).await
+    }
+
+    /// Writes the queue out. Cancel-safe: progress is recorded after each
+    /// write, so a later call continues from there.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() {
+            let mut slices = Vec::with_capacity(self.out.len().min(FRAMES_PER_WRITE) * 2);
+            let mut skip = self.written;
+            for f in self.out.iter().take(FRAMES_PER_WRITE) {
+                let header = &f.header[..usize::from(f.header_len)];
+                for part in [header, &f.payload[..]] {
+                    let s = skip.min(part.len());
+                    skip -= s;
+                    if s < part.len() {
+                        slices.push(IoSlice::new(&part[s..]));
+                    }
+                }
+            }
+            let n = self.stream.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            consume(&mut self.out, &mut self.written, n);
+        }
+        if self.out.capacity() > FRAMES_PER_WRITE {
+            self.out = VecDeque::new();
+        }
+        Ok(())
+    }
+}
+
+/// Records that `n` more bytes of the queue went out.
+fn consume(out: &mut VecDeque<OutFrame>, written: &mut usize, mut n: usize) {
+    while let Some(f) = out.front() {
+        let left = f.len() - *written;
+        if n < left {
+            *written += n;
+            return;
+        }
+        n -= left;
+        *written = 0;
+        out.pop_front();
+    }
+}
+
+impl Decoder {
+    /// Parses every complete frame in `pending`.
+    fn parse(&mut self, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        let mut at = 0;
+        while let Some((frame, used)) = parse_frame(&self.pending[at..], self.max_message)? {
+            at += used;
+            self.handle(frame, out)?;
+        }
+        if at > 0 {
+            self.pending.drain(..at);
+        }
+        if self.pending.is_empty() && self.pending.capacity() > READ_CHUNK {
+            self.pending = Vec::new();
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, f: Frame, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        match f.opcode {
+            PING => out.push(Incoming::Ping(Bytes::copy_from_slice(&f.payload))),
+            PONG => out.push(Incoming::Pong),
+            CLOSE => {
+                let code = (f.payload.len() >= 2)
+                    .then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
+                out.push(Incoming::Close(code));
+            }
+            TEXT | BINARY if self.fragmented.is_some() => {
+                return Err(ReadError::Protocol("a new message inside a fragmented one"));
+            }
+            TEXT | BINARY if f.fin => out.push(message(f.opcode, f.payload)?),
+            TEXT | BINARY => {
+                self.fragmented = Some(f.opcode);
+                self.message = f.payload;
+            }
+            CONTINUATION => {
+                let Some(opcode) = self.fragmented else {
+                    return Err(ReadError::Protocol("a continuation without a message"));
+                };
+                if self.message.len() + f.payload.len() > self.max_message {
+                    return Err(ReadError::TooLarge);
+                }
+                self.message.extend_from_slice(&f.payload);
+                if f.fin {
+                    self.fragmented = None;
+                    out.push(message(opcode, std::mem::take(&mut self.message))?);
+                }
+            }
+            _ => return Err(ReadError::Protocol("reserved opcode")),
+        }
+        Ok(())
+    }
+}
+
+/// Control frames the server sends.
+#[derive(Debug, Clone, Copy)]
+#[repr(u8)]
+pub enum Control {
+    Ping = PING,
+    Pong = PONG,
+    Close = CLOSE,
+}
+
+fn message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
+    if opcode == BINARY {
+        return Ok(Incoming::Binary);
+    }
+    String::from_utf8(payload)
+        .map(Incoming::Text)
+        .map_err(|_| ReadError::InvalidUtf8)
+}
+
+struct Frame {
+    fin: bool,
+    opcode: u8,
+    payload: Vec<u8>,
+}
+
+/// One complete client frame at the start of `buf`, unmasked, and the bytes
+/// it used; `None` when more bytes are needed.
+fn parse_frame(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, ReadError> {
+    let [b0, b1, ..] = *buf else { return Ok(None) };
+    if b0 & 0x70 != 0 {
+        return Err(ReadError::Protocol("reserved bits set"));
+    }
+    let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0F);
+    if b1 & 0x80 == 0 {
+        return Err(ReadError::Protocol("client frames must be masked"));
+    }
+    let (len, mut at) = match b1 & 0x7F {
+        126 => match buf.get(2..4) {
+            Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => (u64::from_be_bytes(b.try_into().unwrap_or_default()), 10),
+            None => return Ok(None),
+        },
+        n => (u64::from(n), 2),
+    };
+    let control = opcode & 0x8 != 0;
+    if control && (!fin || len > 125) {
+        return Err(ReadError::Protocol("control frames are short and whole"));
+    }
+    if len > max as u64 {
+        return Err(ReadError::TooLarge);
+    }
+    let len = len as usize;
+    let Some(key) = buf.get(at..at + 4) else {
+        return Ok(None);
+    };
+    let key = [key[0], key[1], key[2], key[3]];
+    at += 4;
+    let Some(data) = buf.get(at..at + len) else {
+        return Ok(None);
+    };
+    let payload: Vec<u8> = data
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ key[i & 3])
+        .collect();
+    Ok(Some((
+        Frame {
+            fin,
+            opcode,
+            payload,
+        },
+        at + len,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n @ 0..=125 => f.push(0x80 | n as u8),
+            n @ 126..=65535 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        f
+    }
+
+    fn parse_all(bytes: &[u8]) -> Result<Vec<Incoming>, ReadError> {
+        let mut d = Decoder {
+            pending: bytes.to_vec(),
+            max_message: 16 * 1024,
+            ..Decoder::default()
+        };
+        let mut out = Vec::new();
+        d.parse(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn reads_text_fragments_and_control_frames() {
+        let mut bytes = client_frame(true, TEXT, b"{\"a\":1}");
+        bytes.extend(client_frame(false, TEXT, b"hel"));
+        bytes.extend(client_frame(true, PING, b"p"));
+        bytes.extend(client_frame(true, CONTINUATION, b"lo"));
+        bytes.extend(client_frame(true, CLOSE, &1000u16.to_be_bytes()));
+        let got = parse_all(&bytes).expect("valid");
+        assert_eq!(
+            got,
+            [
+                Incoming::Text("{\"a\":1}".into()),
+                Incoming::Ping(Bytes::from_static(b"p")),
+                Incoming::Text("hello".into()),
+                Incoming::Close(Some(1000)),
+            ]
+        );
+    }
+
+    #[test]
+    fn waits_for_a_whole_frame() {
+        let f = client_frame(true, TEXT, &[b'x'; 300]);
+        for cut in [1, 2, 5, 7, 299] {
+            assert!(
+                parse_all(&f[..cut]).expect("partial").is_empty(),
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(parse_all(&f).expect("whole").len(), 1);
+    }
+
+    #[test]
+    fn refuses_what_the_protocol_forbids() {
+        let unmasked = [0x81, 0x01, b'x'];
+        assert!(matches!(parse_all(&unmasked), Err(ReadError::Protocol(_))));
+        let rsv = {
+            let mut f = client_frame(true, TEXT, b"x");
+            f[0] |= 0x40;
+            f
+        };
+        assert!(matches!(parse_all(&rsv), Err(ReadError::Protocol(_))));
+        let big = client_frame(true, TEXT, &vec![b'x'; 16 * 1024 + 1]);
+        assert!(matches!(parse_all(&big), Err(ReadError::TooLarge)));
+        let mut split = client_frame(false, TEXT, &vec![b'x'; 10_000]);
+        split.extend(client_frame(true, CONTINUATION, &vec![b'x'; 10_000]));
+        assert!(matches!(parse_all(&split), Err(ReadError::TooLarge)));
+        assert!(matches!(
+            parse_all(&client_frame(true, TEXT, &[0xff, 0xfe])),
+            Err(ReadError::InvalidUtf8)
+        ));
+        assert!(matches!(
+            parse_all(&client_frame(true, CONTINUATION, b"x")),
+            Err(ReadError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_all(&client_frame(false, PING, b"x")),
+            Err(ReadError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_all(&client_frame(true, 0x3, b"x")),
+            Err(ReadError::Protocol(_))
+        ));
+        assert_eq!(
+            parse_all(&client_frame(true, BINARY, b"x")).expect("binary"),
+            [Incoming::Binary]
+        );
+    }
+
+    #[test]
+    fn a_cut_short_write_resumes_where_it_stopped() {
+        let f = |n: usize| OutFrame::new(TEXT, Bytes::from(vec![b'x'; n]));
+        let mut out: VecDeque<OutFrame> = [f(5), f(300), f(1)].into();
+        let mut written = 0;
+        let mut consume = |n: usize| {
+            consume(&mut out, &mut written, n);
+            (out.len(), written)
+        };
+        assert_eq!(consume(3), (3, 3), "inside the first frame");
+        assert_eq!(consume(4), (2, 0), "exactly to its end");
+        assert_eq!(consume(303), (2, 303), "one byte of the second frame left");
+        assert_eq!(consume(1), (1, 0));
+        assert_eq!(consume(3), (0, 0));
+    }
+
+    #[test]
+    fn server_headers() {
+        let f = |n: usize| OutFrame::new(TEXT, Bytes::from(vec![b'x'; n]));
+        let (a, b, c) = (f(5), f(300), f(70_000));
+        assert_eq!(a.header[..2], [0x81, 5]);
+        assert_eq!(b.header[..4], [0x81, 126, 1, 44]);
+        assert_eq!(c.header[..2], [0x81, 127]);
+        assert_eq!(
+            u64::from_be_bytes(c.header[2..10].try_into().unwrap()),
+            70_000
+        );
+        assert_eq!((a.len(), b.len(), c.len()), (7, 304, 70_010));
+    }
+}
