@@ -126,9 +126,13 @@ pub async fn serve(
         // read it; delivery-stage plugins then see an empty role.
         tracing::debug!(conn = id, user = %user.id, "Directus gave no role for this user");
     }
+    // Only what the delivery stage may depend on stays with the connection.
+    let User {
+        id: user_id, role, ..
+    } = user;
     let identity = Arc::new(Identity {
-        role: user.role.unwrap_or_default().into(),
-        user_id: user.id.into(),
+        role: role.unwrap_or_default().into(),
+        user_id: user_id.into(),
     });
     let mut conn = Conn {
         outbox: Arc::new(Outbox::new(

@@ -19,6 +19,16 @@ pub enum Credential {
     Bearer(HeaderValue),
 }
 
+/// A copy of a header value in an allocation of its own. A parsed header is
+/// a view into the HTTP connection's 8 KiB read buffer; keeping the view for
+/// the connection's lifetime would keep that whole buffer.
+fn detached(v: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(v.as_bytes()))
+        .unwrap_or_else(|_| v.clone());
+    copy.set_sensitive(true);
+    copy
+}
+
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -32,16 +42,12 @@ impl Credential {
     /// The credential of an upgrade request: its cookie, or else its bearer token.
     pub fn from_headers(headers: &axum::http::HeaderMap) -> Option<Credential> {
         if let Some(c) = headers.get(COOKIE).filter(|c| !c.is_empty()) {
-            let mut c = c.clone();
-            c.set_sensitive(true);
-            return Some(Credential::Cookie(c));
+            return Some(Credential::Cookie(detached(c)));
         }
         let auth = headers.get(AUTHORIZATION)?;
         let bytes = auth.as_bytes();
         if bytes.len() > 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
-            let mut a = auth.clone();
-            a.set_sensitive(true);
-            return Some(Credential::Bearer(a));
+            return Some(Credential::Bearer(detached(auth)));
         }
         None
     }
@@ -140,6 +146,9 @@ impl Directus {
         let http = reqwest::Client::builder()
             .connect_timeout(auth_timeout.min(authz_timeout))
             .pool_idle_timeout(Duration::from_secs(60))
+            // A burst of upgrades opens many connections at once; keeping
+            // them all idle afterwards would cost memory for nothing.
+            .pool_max_idle_per_host(16)
             .build()
             // Only fails when no TLS provider is installed, which is a build defect.
             .expect("HTTP client (is a rustls crypto provider installed?)");

@@ -432,7 +432,11 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
                 return;
             }
         };
-        let ws = WebSocket::new(parts.io.into_inner(), &parts.read_buf, MAX_CLIENT_FRAME);
+        // `read_buf` is a view into hyper's 8 KiB read buffer: copy what it
+        // holds and let it go, or every connection would keep it.
+        let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+        let ws = WebSocket::new(io.into_inner(), &read_buf, MAX_CLIENT_FRAME);
+        drop(read_buf);
         connection::serve(conn_shared, ws, user, credential, id).await;
     });
     Response::builder()

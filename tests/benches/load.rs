@@ -61,6 +61,9 @@ async fn main() -> anyhow::Result<()> {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let which = args.first().map(String::as_str).unwrap_or("standard");
+    // `--clients=N`: another client count for the scenarios run.
+    let clients: Option<usize> =
+        std::env::args().find_map(|a| a.strip_prefix("--clients=").and_then(|n| n.parse().ok()));
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let server = std::env::var("POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -76,7 +79,11 @@ async fn main() -> anyhow::Result<()> {
         redis_url,
         postgres_url,
         stream: "livecast:bench:telemetry".into(),
-        host_bin: PathBuf::from(env!("CARGO_BIN_EXE_livecast-test-host")),
+        // LIVECAST_BENCH_HOST: another host binary (an older build, or a
+        // wrapper that runs it under a profiler).
+        host_bin: std::env::var_os("LIVECAST_BENCH_HOST")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_livecast-test-host"))),
         chain: None,
     };
     let scenarios: Vec<Scenario> = match which {
@@ -100,6 +107,13 @@ async fn main() -> anyhow::Result<()> {
             scenario("slow-10pct", 1_000, 100, 200, 20),
         ],
     };
+    let mut scenarios = scenarios;
+    if let Some(n) = clients {
+        for s in &mut scenarios {
+            s.clients = n;
+            s.stuck_clients = s.stuck_clients.min(n / 10);
+        }
+    }
     let mut reports: Vec<Report> = Vec::new();
     for s in &scenarios {
         eprintln!(
