@@ -27,7 +27,7 @@ use crate::devices::DeviceMap;
 use crate::filter::{AudienceRef, Chain, Decided, Record};
 use crate::latest::{Latest, LatestPositions, Observed};
 use crate::metrics::Metrics;
-use crate::outbox::Pushed;
+use crate::outbox::{Outbox, Pushed};
 use crate::protocol;
 use crate::ratelimit::LogLimiter;
 use crate::record::{Malformed, Position};
@@ -99,7 +99,7 @@ struct Tally {
 impl Tally {
     fn pushed(&mut self, p: Pushed) {
         match p {
-            Pushed::Queued => self.deliveries += 1,
+            Pushed::Queued { .. } => self.deliveries += 1,
             Pushed::Conflated => {
                 self.deliveries += 1;
                 self.conflated += 1;
@@ -205,6 +205,8 @@ impl Broadcaster {
         let mut t = Tally::default();
         let devices = self.devices.current();
         let registry = self.registry.view();
+        // Outboxes this batch gave something to send.
+        let mut dirty: Vec<&Arc<Outbox>> = Vec::new();
         for ((record, body), seen) in records.iter().zip(bodies).zip(observed) {
             let Observed::Newer(device) = *seen else {
                 t.stale += 1;
@@ -223,11 +225,16 @@ impl Broadcaster {
                 reached = true;
                 let msg = protocol::position(&topic.prefix, body);
                 for outbox in topic.subscribers() {
-                    t.pushed(outbox.push_position(topic.idx, device, record.position.ts_ms, &msg));
+                    let p = outbox.push_position(topic.idx, device, record.position.ts_ms, &msg);
+                    if p == (Pushed::Queued { first: true }) {
+                        dirty.push(outbox);
+                    }
+                    t.pushed(p);
                 }
             }
             t.routed += u64::from(reached);
         }
+        wake(&dirty);
         t
     }
 
@@ -295,6 +302,7 @@ impl Broadcaster {
         let decided = self.chain.deliver(&payloads, &audiences, &abi_pairs);
 
         let mut shared: Option<(usize, u32, Bytes)> = None;
+        let mut dirty: Vec<&Arc<Outbox>> = Vec::new();
         for (p, d) in pairs.iter().zip(decided) {
             let Observed::Newer(device) = observed[p.record] else {
                 continue;
@@ -318,9 +326,14 @@ impl Broadcaster {
                 ),
             };
             for (_, outbox) in &p.topic.audiences[p.audience].members {
-                t.pushed(outbox.push_position(p.topic.idx, device, ts, &msg));
+                let pushed = outbox.push_position(p.topic.idx, device, ts, &msg);
+                if pushed == (Pushed::Queued { first: true }) {
+                    dirty.push(outbox);
+                }
+                t.pushed(pushed);
             }
         }
+        wake(&dirty);
         t
     }
 
@@ -391,6 +404,17 @@ impl Broadcaster {
             })
             .collect();
         let _ = job.reply.send(entries);
+    }
+}
+
+/// Hands each connection that got something to send in this batch to its
+/// task, once, after the whole batch: a client then gets the batch in one
+/// write, and the writes of a thousand clients run on every core of the
+/// runtime. (Writing them here, on one thread, was measured: it halved
+/// the batching and tripled the latency at 1,000 clients.)
+fn wake(dirty: &[&Arc<Outbox>]) {
+    for outbox in dirty {
+        outbox.wake();
     }
 }
 

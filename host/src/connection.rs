@@ -15,22 +15,19 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rustc_hash::FxHashSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::directus::{Authz, Credential, User};
 use crate::metrics::inc;
-use crate::outbox::{Drained, Outbox};
+use crate::outbox::{Flushed, Outbox};
 use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
 use crate::registry::{ConnId, Identity};
 use crate::server::Shared;
 use crate::snapshot;
-use crate::ws::{Control, Incoming, ReadError, WebSocket};
+use crate::ws::{Incoming, OutFrame, ReadError, WebSocket};
 
-/// Frames taken from the outbox per flush.
-const FRAMES_PER_FLUSH: usize = 256;
 /// Client requests waiting behind the one in flight; past this the socket is
 /// not read until the queue shrinks.
 const MAX_QUEUED_REQUESTS: usize = 16;
@@ -114,6 +111,7 @@ struct Conn {
 pub async fn serve(
     shared: Arc<Shared>,
     mut ws: WebSocket,
+    outbox: Arc<Outbox>,
     user: User,
     credential: Credential,
     id: ConnId,
@@ -135,9 +133,7 @@ pub async fn serve(
         user_id: user_id.into(),
     });
     let mut conn = Conn {
-        outbox: Arc::new(Outbox::new(
-            shared.config.live_ws_backpressure_threshold_bytes,
-        )),
+        outbox,
         shared,
         id,
         identity,
@@ -147,24 +143,42 @@ pub async fn serve(
         in_flight: None,
     };
     let end = conn.run(&mut ws).await;
-    conn.cleanup();
+    conn.unregister();
     inc(&metrics.closes, "reason", end.label());
     if let Some((code, reason)) = end.close() {
         let grace = match end {
             End::Shutdown => conn.shared.config.drain_timeout(),
             _ => Duration::from_secs(2),
         };
-        close(&mut ws, code, reason, grace).await;
+        close(&mut ws, &conn.outbox, code, reason, grace).await;
     }
+    conn.outbox.close();
     metrics.connections.dec();
     tracing::debug!(conn = id, reason = end.label(), "disconnected");
 }
 
-/// Sends a close frame and waits, up to `grace`, for the client's.
-async fn close(ws: &mut WebSocket, code: u16, reason: &'static str, grace: Duration) {
+/// Sends a close frame in place of whatever was still queued (a closing
+/// client needs no more positions) and waits, up to `grace`, for the
+/// client's.
+async fn close(
+    ws: &mut WebSocket,
+    outbox: &Outbox,
+    code: u16,
+    reason: &'static str,
+    grace: Duration,
+) {
+    outbox.replace_with_close(OutFrame::close(code, reason));
     let _ = tokio::time::timeout(grace, async {
-        if ws.send_close(code, reason).await.is_err() {
-            return;
+        loop {
+            match outbox.flush() {
+                Flushed::Done => break,
+                Flushed::Blocked => {
+                    if ws.writable().await.is_err() {
+                        return;
+                    }
+                }
+                Flushed::Overflow | Flushed::Gone => return,
+            }
         }
         let mut got = Vec::new();
         while ws.read(&mut got).await.is_ok() {
@@ -183,22 +197,14 @@ impl Conn {
         let slow = self.shared.config.slow_client_timeout();
         let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
         let mut last_seen = Instant::now();
-        let mut frames: Vec<Bytes> = Vec::new();
         let mut incoming: Vec<Incoming> = Vec::new();
         let shutdown = self.shared.shutdown.clone();
+        let socket = ws.socket();
         loop {
-            let more = match self.outbox.drain(&mut frames, FRAMES_PER_FLUSH) {
-                Drained::Overflow => return End::Slow,
-                Drained::Frames { more } => more,
-            };
-            if !frames.is_empty() {
-                if let Err(end) = write(ws, &mut frames, slow).await {
-                    return end;
-                }
-                // A burst grew the batch; an idle connection gives it back.
-                if !more && frames.capacity() > 16 {
-                    frames = Vec::new();
-                }
+            match self.outbox.flush() {
+                Flushed::Done | Flushed::Blocked => {}
+                Flushed::Overflow => return End::Slow,
+                Flushed::Gone => return End::Client,
             }
             while self.in_flight.is_none() {
                 let Some(req) = self.queue.pop_front() else {
@@ -206,10 +212,17 @@ impl Conn {
                 };
                 self.start(req);
             }
+            let blocked = self.outbox.blocked_since();
+            let give_up =
+                blocked.map_or_else(|| Instant::now() + slow, |t| Instant::from_std(t) + slow);
 
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
+                // Stuck past the slow-client timeout.
+                _ = tokio::time::sleep_until(give_up), if blocked.is_some() => return End::Slow,
+                // The socket drains: write the rest (at the top of the loop).
+                _ = socket.writable(), if blocked.is_some() => {}
                 read = ws.read(&mut incoming), if self.queue.len() < MAX_QUEUED_REQUESTS => {
                     last_seen = Instant::now();
                     match read {
@@ -224,17 +237,14 @@ impl Conn {
                             Incoming::Text(t) => self.queue.push_back(protocol::parse(&t)),
                             Incoming::Binary => return End::Binary,
                             Incoming::Ping(payload) => {
-                                match tokio::time::timeout(slow, ws.send_control(Control::Pong, &payload)).await {
-                                    Ok(Ok(())) => {}
-                                    Ok(Err(_)) => return End::Client,
-                                    Err(_) => return End::Slow,
-                                }
+                                self.outbox.push_frame(OutFrame::pong(payload));
                             }
                             Incoming::Pong => {}
                             Incoming::Close(code) => {
                                 // Complete the closing handshake the client started.
                                 let echo = code.filter(|c| (1000..5000).contains(c)).unwrap_or(1000);
-                                let _ = tokio::time::timeout(Duration::from_secs(1), ws.send_close(echo, "")).await;
+                                self.outbox.replace_with_close(OutFrame::close(echo, ""));
+                                let _ = self.outbox.flush();
                                 return End::Client;
                             }
                         }
@@ -256,14 +266,9 @@ impl Conn {
                     if reading && last_seen.elapsed() >= interval * 2 {
                         return End::Silent;
                     }
-                    match tokio::time::timeout(slow, ws.send_control(Control::Ping, b"")).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return End::Client,
-                        Err(_) => return End::Slow,
-                    }
+                    self.outbox.push_frame(OutFrame::ping());
                 }
-                _ = self.outbox.wait(), if !more => {}
-                _ = std::future::ready(()), if more => {}
+                _ = self.outbox.wait() => {}
             }
         }
     }
@@ -323,15 +328,14 @@ impl Conn {
     }
 
     /// Removes every subscription of the connection, including one whose
-    /// subscribe was still in flight.
-    fn cleanup(&mut self) {
+    /// subscribe was still in flight, so the record path stops pushing.
+    fn unregister(&mut self) {
         let pending = self.in_flight.take().map(|(e, _)| e);
         for event in self.subscriptions.drain().chain(pending) {
             if self.shared.registry.unsubscribe(event, self.id) {
                 self.shared.metrics.subscriptions.dec();
             }
         }
-        self.outbox.close();
     }
 }
 
@@ -340,17 +344,6 @@ fn poll_in_flight(f: &mut Option<(Uuid, InFlight)>) -> impl Future<Output = Done
         Some((_, fut)) => fut.as_mut().poll(cx),
         None => Poll::Pending,
     })
-}
-
-/// Writes the frames with as few syscalls as the socket allows.
-async fn write(ws: &mut WebSocket, frames: &mut Vec<Bytes>, slow: Duration) -> Result<(), End> {
-    let result = tokio::time::timeout(slow, ws.send_text(frames)).await;
-    frames.clear();
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(End::Client),
-        Err(_) => Err(End::Slow),
-    }
 }
 
 /// Authorize, register, snapshot, release: in this order, so that no live

@@ -1,30 +1,39 @@
-//! A connection's queue of messages waiting for its socket.
+//! A connection's queue of messages waiting for its socket, and the writing
+//! of them.
 //!
-//! Two lanes. Control messages (`subscribed`, `unsubscribed`, `error`) wait in
-//! order and are never dropped. Positions are *conflated*: there is one slot
-//! per (topic, device), holding only the newest undelivered position, so a
-//! client that cannot keep up receives the latest position of every device
-//! when it drains, and its queue is bounded by its devices, not by the record
-//! rate.
+//! Two lanes. Control frames (`subscribed`, `unsubscribed`, `error`, and the
+//! WebSocket ping, pong and close) wait in order and are never dropped.
+//! Positions are *conflated*: there is one slot per (topic, device), holding
+//! only the newest undelivered position, so a client that cannot keep up
+//! receives the latest position of every device when it drains, and its
+//! queue is bounded by its devices, not by the record rate.
 //!
-//! The record path calls [`Outbox::push_position`] once per subscriber: a lock,
-//! an integer-keyed lookup and a reference-count increment, with no allocation
-//! once the connection's maps have grown to its devices.
+//! The record path pushes a batch's positions into every subscriber's outbox
+//! (a lock, an integer-keyed lookup, a reference-count increment) and wakes
+//! each connection task it gave work to, once per batch. The task
+//! [`Outbox::flush`]es: non-blocking vectored writes straight from the
+//! shared bytes. When a socket would block, the task waits for it to drain
+//! (up to the slow-client timeout) while the record path keeps conflating
+//! into the slots.
 //!
-//! The writer sends control messages before positions, so a `subscribed`
-//! message always precedes the positions of its topic. While a subscription's
-//! snapshot is being built its topic is *held*: positions collect in their
-//! slots and are released after the snapshot, only when newer than it.
+//! Control frames are written before positions, so `subscribed` precedes
+//! the positions of its topic. While a subscription's snapshot is being
+//! built its topic is *held*: positions collect in their slots and are
+//! released after the snapshot, only when newer than it.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::latest::DeviceIdx;
 use crate::registry::TopicIdx;
+use crate::ws::{self, OutFrame};
 
 fn key(topic: TopicIdx, device: DeviceIdx) -> u64 {
     (u64::from(topic) << 32) | u64::from(device)
@@ -38,11 +47,13 @@ fn topic_of(key: u64) -> TopicIdx {
 /// emptied one gives the memory back (a burst must not cost an idle client
 /// forever).
 const KEEP_PENDING: usize = 32;
-const KEEP_READY: usize = 64;
+const KEEP_QUEUE: usize = 64;
+/// Frames per vectored write (two slices each, on the stack).
+const FRAMES_PER_WRITE: usize = 64;
 
 #[derive(Default)]
 struct Inner {
-    control: VecDeque<Bytes>,
+    control: VecDeque<OutFrame>,
     control_bytes: usize,
     /// Per (topic, device): `ts` of the newest position the client has
     /// (sent, or in its snapshot). Positions at or below it are stale.
@@ -50,29 +61,67 @@ struct Inner {
     /// Per (topic, device): the newest position not sent yet.
     pending: FxHashMap<u64, (i64, Bytes)>,
     /// Keys of `pending` in the order they became ready to send. A key can
-    /// linger after an unsubscribe removed its position; drain skips it.
+    /// linger after an unsubscribe removed its position; it is skipped.
     ready: VecDeque<u64>,
     held: Vec<TopicIdx>,
+    /// Frames committed to the socket, in order, and how much of the first
+    /// one is written: a write cut short resumes exactly where it stopped.
+    wire: VecDeque<OutFrame>,
+    written: usize,
+    /// Since when the socket has refused bytes; `None` while it keeps up.
+    blocked_since: Option<Instant>,
     overflow: bool,
     closed: bool,
 }
 
 impl Inner {
-    fn is_empty(&self) -> bool {
-        self.control.is_empty() && self.ready.is_empty()
+    fn has_work(&self) -> bool {
+        !self.control.is_empty() || !self.ready.is_empty() || !self.wire.is_empty()
     }
 
     fn stale(&self, k: u64, ts: i64) -> bool {
         self.floors.get(&k).is_some_and(|f| ts <= *f)
+    }
+
+    /// Moves what may be sent into the wire queue: control first, then the
+    /// newest position of each ready slot.
+    fn stage(&mut self) {
+        while let Some(f) = self.control.pop_front() {
+            self.control_bytes -= f.payload_len();
+            self.wire.push_back(f);
+        }
+        while let Some(k) = self.ready.pop_front() {
+            if let Some((ts, msg)) = self.pending.remove(&k) {
+                self.floors.insert(k, ts);
+                self.wire.push_back(OutFrame::text(msg));
+            }
+        }
+    }
+
+    fn shrink_when_idle(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > KEEP_PENDING {
+            self.pending = FxHashMap::default();
+        }
+        for q in [&mut self.ready] {
+            if q.is_empty() && q.capacity() > KEEP_QUEUE {
+                *q = VecDeque::new();
+            }
+        }
+        for q in [&mut self.wire, &mut self.control] {
+            if q.is_empty() && q.capacity() > KEEP_QUEUE {
+                *q = VecDeque::new();
+            }
+        }
     }
 }
 
 /// What happened to a pushed position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
-    /// Queued in an empty slot.
-    Queued,
-    /// Replaced an older position the client had not read yet.
+    /// Queued in an empty slot; `first` when the outbox had nothing to send
+    /// before (the pusher should flush it).
+    Queued { first: bool },
+    /// Replaced an older position the client had not received yet.
     Conflated,
     /// Not newer than what the client already has; dropped.
     Stale,
@@ -80,29 +129,35 @@ pub enum Pushed {
     Closed,
 }
 
-/// The queue. Shared by the record path (producer) and the connection's
-/// writer (consumer).
+/// What a flush achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything queued is written.
+    Done,
+    /// The socket refused bytes; the connection task waits for it.
+    Blocked,
+    /// The control backlog passed its limit: close the client with 1008.
+    Overflow,
+    /// The socket failed, or the outbox is closed.
+    Gone,
+}
+
+/// The queue. Shared by the record path and the connection's task.
 pub struct Outbox {
     inner: Mutex<Inner>,
     notify: Notify,
     control_limit: usize,
-}
-
-/// What the writer should do after draining.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drained {
-    /// Frames were taken (maybe none); `more` when the queue is not empty yet.
-    Frames { more: bool },
-    /// The control backlog passed its limit: close the client with 1008.
-    Overflow,
+    socket: Option<Arc<TcpStream>>,
 }
 
 impl Outbox {
-    pub fn new(control_limit: usize) -> Self {
+    /// An outbox writing to `socket` (`None`: nothing is written, for tests).
+    pub fn new(control_limit: usize, socket: Option<Arc<TcpStream>>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
             control_limit,
+            socket,
         }
     }
 
@@ -112,7 +167,7 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a position of `device` on `topic`, replacing an unread older
+    /// Queues a position of `device` on `topic`, replacing an unsent older
     /// one. `msg` is shared with every other subscriber of the topic.
     pub fn push_position(
         &self,
@@ -129,8 +184,7 @@ impl Outbox {
         if inner.stale(k, ts) {
             return Pushed::Stale;
         }
-        let was_empty = inner.is_empty();
-        let held = inner.held.contains(&topic);
+        let first = !inner.has_work();
         match inner.pending.get_mut(&k) {
             Some((p, _)) if ts <= *p => return Pushed::Stale,
             Some(slot) => {
@@ -141,39 +195,40 @@ impl Outbox {
                 inner.pending.insert(k, (ts, msg.clone()));
             }
         }
-        if held {
-            return Pushed::Queued;
+        if inner.held.contains(&topic) {
+            return Pushed::Queued { first: false };
         }
         inner.ready.push_back(k);
-        drop(inner);
-        if was_empty {
-            self.notify.notify_one();
-        }
-        Pushed::Queued
+        Pushed::Queued { first }
     }
 
-    /// Queues a control message. Returns false when the control backlog is
-    /// over its limit (the connection will be closed with 1008).
+    /// Queues a control message (text) and wakes the connection task to
+    /// write it. Returns false when the control backlog is over its limit
+    /// (the connection will be closed with 1008).
     pub fn push_control(&self, msg: Bytes) -> bool {
-        let mut inner = self.lock();
-        self.push_control_locked(&mut inner, msg)
+        self.push_frame(OutFrame::text(msg))
     }
 
-    fn push_control_locked(&self, inner: &mut Inner, msg: Bytes) -> bool {
+    /// Queues a WebSocket control frame (ping, pong, close).
+    pub fn push_frame(&self, frame: OutFrame) -> bool {
+        let mut inner = self.lock();
+        let ok = self.push_control_locked(&mut inner, frame);
+        drop(inner);
+        self.notify.notify_one();
+        ok
+    }
+
+    fn push_control_locked(&self, inner: &mut Inner, frame: OutFrame) -> bool {
         if inner.closed {
             return false;
         }
-        let was_empty = inner.is_empty();
         // Only a backlog counts: one large message (a big snapshot) to a
         // client that reads is not a reason to close it.
         if inner.control_bytes > self.control_limit {
             inner.overflow = true;
         }
-        inner.control_bytes += msg.len();
-        inner.control.push_back(msg);
-        if was_empty || inner.overflow {
-            self.notify.notify_one();
-        }
+        inner.control_bytes += frame.payload_len();
+        inner.control.push_back(frame);
         !inner.overflow
     }
 
@@ -199,9 +254,11 @@ impl Outbox {
                 inner.pending.remove(&k);
             }
         }
-        self.push_control_locked(&mut inner, subscribed);
+        self.push_control_locked(&mut inner, OutFrame::text(subscribed));
         let Inner { pending, ready, .. } = &mut *inner;
         ready.extend(pending.keys().filter(|k| topic_of(**k) == topic));
+        drop(inner);
+        self.notify.notify_one();
     }
 
     /// Drops a topic's positions and floors (and any hold) and queues its
@@ -212,53 +269,98 @@ impl Outbox {
         inner.pending.retain(|k, _| topic_of(*k) != topic);
         inner.floors.retain(|k, _| topic_of(*k) != topic);
         if let Some(msg) = unsubscribed {
-            self.push_control_locked(&mut inner, msg);
+            self.push_control_locked(&mut inner, OutFrame::text(msg));
         }
+        drop(inner);
+        self.notify.notify_one();
     }
 
-    /// Moves up to `max` frames into `out`: control messages first, then the
-    /// newest position of each ready slot.
-    pub fn drain(&self, out: &mut Vec<Bytes>, max: usize) -> Drained {
+    /// Writes what is queued without waiting. Called by the record path
+    /// after a batch and by the connection task; whoever sees the socket
+    /// refuse bytes leaves the rest to the task (which is woken).
+    pub fn flush(&self) -> Flushed {
+        let Some(socket) = &self.socket else {
+            return Flushed::Gone;
+        };
+        self.flush_with(|slices| socket.try_write_vectored(slices))
+    }
+
+    /// [`Outbox::flush`] over any writer (tests write to memory).
+    pub fn flush_with(
+        &self,
+        mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> Flushed {
         let mut inner = self.lock();
+        if inner.closed {
+            return Flushed::Gone;
+        }
         if inner.overflow {
-            return Drained::Overflow;
+            return Flushed::Overflow;
         }
-        while out.len() < max {
-            let Some(msg) = inner.control.pop_front() else {
-                break;
-            };
-            inner.control_bytes -= msg.len();
-            out.push(msg);
-        }
-        let Inner {
-            floors,
-            pending,
-            ready,
-            ..
-        } = &mut *inner;
-        while out.len() < max {
-            let Some(k) = ready.pop_front() else {
-                break;
-            };
-            if let Some((ts, msg)) = pending.remove(&k) {
-                floors.insert(k, ts);
-                out.push(msg);
+        inner.stage();
+        let result = loop {
+            if inner.wire.is_empty() {
+                break Flushed::Done;
             }
-        }
-        if ready.is_empty() {
-            if pending.is_empty() && pending.capacity() > KEEP_PENDING {
-                *pending = FxHashMap::default();
+            let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
+            let used = ws::slices(&inner.wire, inner.written, &mut slices);
+            match write(&slices[..used]) {
+                Ok(0) => break Flushed::Gone,
+                Ok(n) => {
+                    let Inner { wire, written, .. } = &mut *inner;
+                    ws::consume(wire, written, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Flushed::Blocked,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break Flushed::Gone,
             }
-            if ready.capacity() > KEEP_READY {
-                *ready = VecDeque::new();
+        };
+        match result {
+            Flushed::Blocked => {
+                let first = inner.blocked_since.is_none();
+                inner.blocked_since.get_or_insert_with(Instant::now);
+                drop(inner);
+                if first {
+                    self.notify.notify_one();
+                }
             }
-            if inner.control.is_empty() && inner.control.capacity() > KEEP_READY {
-                inner.control = VecDeque::new();
+            Flushed::Done => {
+                inner.blocked_since = None;
+                inner.shrink_when_idle();
             }
+            _ => {}
         }
-        Drained::Frames {
-            more: !inner.is_empty(),
-        }
+        result
+    }
+
+    /// Drops everything not yet started on the wire and queues `frame` (a
+    /// close) in its place; a frame half written is finished first, so the
+    /// client still reads whole frames.
+    pub fn replace_with_close(&self, frame: OutFrame) {
+        let mut inner = self.lock();
+        let started = if inner.written > 0 {
+            inner.wire.pop_front()
+        } else {
+            None
+        };
+        inner.wire.clear();
+        inner.wire.extend(started);
+        inner.wire.push_back(frame);
+        inner.control.clear();
+        inner.control_bytes = 0;
+        inner.pending.clear();
+        inner.ready.clear();
+        inner.overflow = false;
+    }
+
+    /// Wakes the connection task to write what the record path queued.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Since when the socket has refused bytes, if it does.
+    pub fn blocked_since(&self) -> Option<Instant> {
+        self.lock().blocked_since
     }
 
     /// Positions waiting to be sent (at most one per topic and device).
@@ -266,7 +368,8 @@ impl Outbox {
         self.lock().pending.len()
     }
 
-    /// Waits until something may have been queued.
+    /// Waits until the task has something to do (control queued, socket
+    /// blocked).
     pub async fn wait(&self) {
         self.notify.notified().await
     }
@@ -275,10 +378,10 @@ impl Outbox {
     pub fn close(&self) {
         let mut inner = self.lock();
         inner.closed = true;
-        inner.control = VecDeque::new();
-        inner.floors = FxHashMap::default();
-        inner.pending = FxHashMap::default();
-        inner.ready = VecDeque::new();
+        *inner = Inner {
+            closed: true,
+            ..Inner::default()
+        };
     }
 }
 
@@ -290,74 +393,130 @@ mod tests {
         Bytes::from_static(s.as_bytes())
     }
 
-    fn drain_all(o: &Outbox) -> Vec<Bytes> {
+    /// Flushes into memory and returns the text frames written.
+    fn written(o: &Outbox) -> Vec<String> {
+        let mut wire = Vec::new();
+        assert_eq!(
+            o.flush_with(|slices| {
+                let mut n = 0;
+                for s in slices {
+                    wire.extend_from_slice(s);
+                    n += s.len();
+                }
+                Ok(n)
+            }),
+            Flushed::Done
+        );
+        frames(&wire)
+    }
+
+    fn frames(mut wire: &[u8]) -> Vec<String> {
         let mut out = Vec::new();
-        o.drain(&mut out, usize::MAX);
+        while wire.len() >= 2 {
+            let len = usize::from(wire[1]);
+            assert!(len < 126, "test frames are short");
+            out.push(String::from_utf8(wire[2..2 + len].to_vec()).unwrap());
+            wire = &wire[2 + len..];
+        }
         out
     }
 
     #[test]
     fn conflates_per_device_and_keeps_control() {
-        let o = Outbox::new(1 << 20);
-        assert_eq!(o.push_position(0, 1, 10, &b("d1@10")), Pushed::Queued);
-        assert_eq!(o.push_position(0, 2, 10, &b("d2@10")), Pushed::Queued);
+        let o = Outbox::new(1 << 20, None);
+        assert_eq!(
+            o.push_position(0, 1, 10, &b("d1@10")),
+            Pushed::Queued { first: true }
+        );
+        assert_eq!(
+            o.push_position(0, 2, 10, &b("d2@10")),
+            Pushed::Queued { first: false }
+        );
         assert_eq!(o.push_position(0, 1, 11, &b("d1@11")), Pushed::Conflated);
         assert_eq!(o.push_position(0, 1, 9, &b("d1@9")), Pushed::Stale);
         o.push_control(b("ctl"));
-        assert_eq!(drain_all(&o), [b("ctl"), b("d1@11"), b("d2@10")]);
+        assert_eq!(written(&o), ["ctl", "d1@11", "d2@10"]);
         // Sent positions set the floor.
         assert_eq!(o.push_position(0, 1, 11, &b("again")), Pushed::Stale);
-        assert!(drain_all(&o).is_empty());
+        assert!(written(&o).is_empty());
     }
 
     #[test]
     fn holds_a_topic_until_its_snapshot_and_skips_what_it_covered() {
-        let o = Outbox::new(1 << 20);
+        let o = Outbox::new(1 << 20, None);
         o.hold(7);
         o.push_position(7, 1, 100, &b("d1@100"));
         o.push_position(7, 2, 50, &b("d2@50"));
         assert!(
-            drain_all(&o).is_empty(),
+            written(&o).is_empty(),
             "held positions wait for the snapshot"
         );
         // The snapshot already has d1@100 (read from the latest cache) and d2@40.
         o.release(7, &[(1, 100), (2, 40)], b("subscribed"));
-        assert_eq!(drain_all(&o), [b("subscribed"), b("d2@50")]);
+        assert_eq!(written(&o), ["subscribed", "d2@50"]);
     }
 
     #[test]
     fn unsubscribe_drops_queued_positions() {
-        let o = Outbox::new(1 << 20);
+        let o = Outbox::new(1 << 20, None);
         o.push_position(3, 1, 1, &b("p"));
         o.remove_topic(3, Some(b("unsubscribed")));
-        assert_eq!(drain_all(&o), [b("unsubscribed")]);
+        assert_eq!(written(&o), ["unsubscribed"]);
     }
 
     #[test]
     fn control_backlog_limit() {
-        let o = Outbox::new(8);
+        let o = Outbox::new(8, None);
         assert!(
             o.push_control(b("a message over the limit")),
             "one message alone is fine"
         );
-        assert_eq!(
-            o.drain(&mut Vec::new(), 10),
-            Drained::Frames { more: false }
-        );
+        assert_eq!(written(&o), ["a message over the limit"]);
         assert!(o.push_control(b("12345")));
         assert!(o.push_control(b("6789")));
         assert!(!o.push_control(b("x")), "an unread backlog over the limit");
-        assert_eq!(o.drain(&mut Vec::new(), 10), Drained::Overflow);
+        assert_eq!(o.flush_with(|_| Ok(0)), Flushed::Overflow);
     }
 
     #[test]
-    fn drain_is_bounded() {
-        let o = Outbox::new(1 << 20);
-        for d in 0..10 {
-            o.push_position(0, d, 1, &b("p"));
-        }
-        let mut out = Vec::new();
-        assert_eq!(o.drain(&mut out, 4), Drained::Frames { more: true });
-        assert_eq!(out.len(), 4);
+    fn a_blocked_socket_keeps_order_and_resumes_mid_frame() {
+        let o = Outbox::new(1 << 20, None);
+        o.push_position(0, 1, 1, &b("first"));
+        o.push_position(0, 2, 1, &b("second"));
+        let mut wire = Vec::new();
+        // The socket takes 4 bytes, then refuses.
+        let mut budget = 4;
+        let r = o.flush_with(|slices| {
+            let all: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            let n = all.len().min(budget);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            budget -= n;
+            wire.extend_from_slice(&all[..n]);
+            Ok(n)
+        });
+        assert_eq!(r, Flushed::Blocked);
+        assert!(o.blocked_since().is_some());
+        // Meanwhile the record path conflates into the slot of device 1.
+        assert_eq!(
+            o.push_position(0, 1, 2, &b("third")),
+            Pushed::Queued { first: false }
+        );
+        let rest = {
+            let mut rest = Vec::new();
+            o.flush_with(|slices| {
+                let mut n = 0;
+                for s in slices {
+                    rest.extend_from_slice(s);
+                    n += s.len();
+                }
+                Ok(n)
+            });
+            rest
+        };
+        wire.extend_from_slice(&rest);
+        assert_eq!(frames(&wire), ["first", "second", "third"]);
+        assert!(o.blocked_since().is_none());
     }
 }

@@ -201,7 +201,7 @@ mod tests {
     fn groups_by_identity_and_cleans_up() {
         let r = Registry::default();
         let e = Uuid::new_v4();
-        let o = Arc::new(Outbox::new(1024));
+        let o = Arc::new(Outbox::new(1024, None));
         let viewer = Arc::new(Identity {
             role: "viewer".into(),
             user_id: "u1".into(),

@@ -35,6 +35,7 @@ use crate::directus::Directus;
 use crate::filter::{Chain, ChainSpec, reload};
 use crate::latest::LatestPositions;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::registry::Registry;
 use crate::ws::WebSocket;
 
@@ -435,9 +436,14 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         // `read_buf` is a view into hyper's 8 KiB read buffer: copy what it
         // holds and let it go, or every connection would keep it.
         let hyper::upgrade::Parts { io, read_buf, .. } = parts;
-        let ws = WebSocket::new(io.into_inner(), &read_buf, MAX_CLIENT_FRAME);
+        let socket = Arc::new(io.into_inner());
+        let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME);
         drop(read_buf);
-        connection::serve(conn_shared, ws, user, credential, id).await;
+        let outbox = Arc::new(Outbox::new(
+            conn_shared.config.live_ws_backpressure_threshold_bytes,
+            Some(socket),
+        ));
+        connection::serve(conn_shared, ws, outbox, user, credential, id).await;
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)

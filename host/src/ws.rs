@@ -12,9 +12,9 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Opcodes.
@@ -25,8 +25,6 @@ const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 const PONG: u8 = 0xA;
 
-/// Frames written per vectored write (two slices each; IOV_MAX is 1024).
-const FRAMES_PER_WRITE: usize = 256;
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 2048;
 
@@ -55,25 +53,48 @@ pub enum ReadError {
     Eof,
 }
 
-/// One WebSocket connection.
+/// The reading side of one WebSocket connection. Writing goes through the
+/// connection's outbox (see `outbox`), which shares the socket.
 pub struct WebSocket {
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     decoder: Decoder,
-    /// Frames queued for the socket, and how much of the first one is
-    /// already written: a write cut short (a timeout) resumes exactly where
-    /// it stopped, so a close frame never lands in the middle of another.
-    out: VecDeque<OutFrame>,
-    written: usize,
 }
 
-/// A server frame: its header and the shared payload.
-struct OutFrame {
+/// A server frame: its header and the shared payload. Queued frames are
+/// written with [`slices`] and [`consume`], which resume a write cut short
+/// exactly where it stopped, so a close frame never lands inside another.
+pub struct OutFrame {
     header: [u8; 10],
     header_len: u8,
     payload: Bytes,
 }
 
 impl OutFrame {
+    /// A text frame of shared bytes.
+    pub fn text(payload: Bytes) -> Self {
+        Self::new(TEXT, payload)
+    }
+
+    pub fn ping() -> Self {
+        Self::new(PING, Bytes::new())
+    }
+
+    /// The answer to a ping, echoing its payload (at most 125 bytes).
+    pub fn pong(payload: Bytes) -> Self {
+        Self::new(PONG, payload.slice(..payload.len().min(125)))
+    }
+
+    /// A close frame with a status code and a short reason.
+    pub fn close(code: u16, reason: &str) -> Self {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(123)]);
+        Self::new(CLOSE, Bytes::from(payload))
+    }
+
+    pub fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+
     fn new(opcode: u8, payload: Bytes) -> Self {
         let mut header = [0u8; 10];
         let len = payload.len();
@@ -120,7 +141,7 @@ struct Decoder {
 impl WebSocket {
     /// Wraps an upgraded stream; `already_read` is what the HTTP layer read
     /// past the upgrade request.
-    pub fn new(stream: TcpStream, already_read: &[u8], max_message: usize) -> Self {
+    pub fn new(stream: Arc<TcpStream>, already_read: &[u8], max_message: usize) -> Self {
         Self {
             stream,
             decoder: Decoder {
@@ -128,9 +149,17 @@ impl WebSocket {
                 max_message,
                 ..Decoder::default()
             },
-            out: VecDeque::new(),
-            written: 0,
         }
+    }
+
+    /// Waits until the socket may take more bytes.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.stream.writable().await
+    }
+
+    /// The socket, shared with the connection's outbox.
+    pub fn socket(&self) -> Arc<TcpStream> {
+        self.stream.clone()
     }
 
     /// Waits for the next messages and appends them to `out`. Cancel-safe:
@@ -151,61 +180,37 @@ impl WebSocket {
             }
         }
     }
+}
 
-    /// Sends text frames with as few writes as the socket allows, straight
-    /// from the shared bytes.
-    pub async fn send_text(&mut self, frames: &[Bytes]) -> io::Result<()> {
-        self.out
-            .extend(frames.iter().map(|f| OutFrame::new(TEXT, f.clone())));
-        self.flush().await
-    }
-
-    /// Sends a control frame (ping, pong, close) after what is queued.
-    pub async fn send_control(&mut self, opcode: Control, payload: &[u8]) -> io::Result<()> {
-        let payload = &payload[..payload.len().min(125)];
-        self.out
-            .push_back(OutFrame::new(opcode as u8, Bytes::copy_from_slice(payload)));
-        self.flush().await
-    }
-
-    /// Sends a close frame with `code` and `reason`, after what is queued.
-    pub async fn send_close(&mut self, code: u16, reason: &str) -> io::Result<()> {
-        let mut payload = code.to_be_bytes().to_vec();
-        payload.extend_from_slice(reason.as_bytes());
-        self.send_control(Control::Close, &payload).await
-    }
-
-    /// Writes the queue out. Cancel-safe: progress is recorded after each
-    /// write, so a later call continues from there.
-    pub async fn flush(&mut self) -> io::Result<()> {
-        while !self.out.is_empty() {
-            let mut slices = Vec::with_capacity(self.out.len().min(FRAMES_PER_WRITE) * 2);
-            let mut skip = self.written;
-            for f in self.out.iter().take(FRAMES_PER_WRITE) {
-                let header = &f.header[..usize::from(f.header_len)];
-                for part in [header, &f.payload[..]] {
-                    let s = skip.min(part.len());
-                    skip -= s;
-                    if s < part.len() {
-                        slices.push(IoSlice::new(&part[s..]));
-                    }
+/// Fills `out` with the unwritten parts of the queued frames (the first
+/// `written` bytes of the first frame are already out); returns how many
+/// slices it used.
+pub fn slices<'a>(
+    frames: &'a VecDeque<OutFrame>,
+    written: usize,
+    out: &mut [IoSlice<'a>],
+) -> usize {
+    let mut used = 0;
+    let mut skip = written;
+    for f in frames {
+        let header = &f.header[..usize::from(f.header_len)];
+        for part in [header, &f.payload[..]] {
+            let s = skip.min(part.len());
+            skip -= s;
+            if s < part.len() {
+                if used == out.len() {
+                    return used;
                 }
+                out[used] = IoSlice::new(&part[s..]);
+                used += 1;
             }
-            let n = self.stream.write_vectored(&slices).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            consume(&mut self.out, &mut self.written, n);
         }
-        if self.out.capacity() > FRAMES_PER_WRITE {
-            self.out = VecDeque::new();
-        }
-        Ok(())
     }
+    used
 }
 
 /// Records that `n` more bytes of the queue went out.
-fn consume(out: &mut VecDeque<OutFrame>, written: &mut usize, mut n: usize) {
+pub fn consume(out: &mut VecDeque<OutFrame>, written: &mut usize, mut n: usize) {
     while let Some(f) = out.front() {
         let left = f.len() - *written;
         if n < left {
@@ -269,15 +274,6 @@ impl Decoder {
         }
         Ok(())
     }
-}
-
-/// Control frames the server sends.
-#[derive(Debug, Clone, Copy)]
-#[repr(u8)]
-pub enum Control {
-    Ping = PING,
-    Pong = PONG,
-    Close = CLOSE,
 }
 
 fn message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {

@@ -402,49 +402,172 @@ struct Shared {
     subscribed: AtomicU64,
 }
 
+/// A lean WebSocket client for the harness: the handshake by hand and
+/// server frames parsed in place from one buffer, so that a thousand of
+/// them cost the machine less than the host they measure (a general
+/// client library validated and copied every message).
+struct LeanClient {
+    stream: tokio::net::TcpStream,
+    /// Received bytes: `buf[start..filled]` is not parsed yet.
+    buf: Vec<u8>,
+    start: usize,
+    filled: usize,
+}
+
+/// A frame the harness cares about.
+enum ServerFrame {
+    Text(std::ops::Range<usize>),
+    Ping(Vec<u8>),
+    Close,
+    Other,
+}
+
+impl LeanClient {
+    async fn connect(addr: SocketAddr, path: &str, stuck: bool) -> anyhow::Result<Self> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = TcpSocket::new_v4()?;
+        if stuck {
+            // A small window, so the host's writes block after a few KB.
+            socket.set_recv_buffer_size(4096)?;
+        }
+        let mut stream = socket.connect(addr).await?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Cookie: directus_session_token={TOKEN}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut n = 0;
+        let head_end = loop {
+            let r = stream.read(&mut buf[n..]).await?;
+            if r == 0 {
+                anyhow::bail!("closed during the handshake");
+            }
+            n += r;
+            if let Some(i) = find(&buf[..n], b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        if !buf.starts_with(b"HTTP/1.1 101") {
+            anyhow::bail!(
+                "upgrade refused: {}",
+                String::from_utf8_lossy(&buf[..head_end.min(64)])
+            );
+        }
+        buf.copy_within(head_end..n, 0);
+        Ok(Self {
+            stream,
+            buf,
+            start: 0,
+            filled: n - head_end,
+        })
+    }
+
+    async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let key = [0x12, 0x34, 0x56, 0x78];
+        let mut f = vec![0x81];
+        match text.len() {
+            n @ 0..=125 => f.push(0x80 | n as u8),
+            n => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&key);
+        f.extend(text.bytes().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        self.stream.write_all(&f).await?;
+        Ok(())
+    }
+
+    /// The next frame; its text is `self.buf[range]`.
+    async fn next(&mut self) -> anyhow::Result<ServerFrame> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((frame, end)) = parse_server_frame(&self.buf[self.start..self.filled]) {
+                let base = self.start;
+                self.start += end;
+                return Ok(match frame {
+                    (0x1, r) => ServerFrame::Text(base + r.start..base + r.end),
+                    (0x9, r) => ServerFrame::Ping(self.buf[base + r.start..base + r.end].to_vec()),
+                    (0x8, _) => ServerFrame::Close,
+                    _ => ServerFrame::Other,
+                });
+            }
+            // Move the unparsed tail to the front when room runs out; grow
+            // only for a frame larger than the buffer (a big snapshot).
+            if self.filled == self.buf.len() {
+                self.buf.copy_within(self.start..self.filled, 0);
+                self.filled -= self.start;
+                self.start = 0;
+                if self.filled == self.buf.len() {
+                    self.buf.resize(self.buf.len() * 2, 0);
+                }
+            }
+            let n = self.stream.read(&mut self.buf[self.filled..]).await?;
+            if n == 0 {
+                anyhow::bail!("closed");
+            }
+            self.filled += n;
+        }
+    }
+}
+
+/// An unmasked server frame at the start of `b`: (opcode, payload range)
+/// and its total length.
+fn parse_server_frame(b: &[u8]) -> Option<((u8, std::ops::Range<usize>), usize)> {
+    let [b0, b1, ..] = *b else { return None };
+    let (len, at) = match b1 & 0x7F {
+        126 => (u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize, 4),
+        127 => (
+            u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    if b.len() < at + len {
+        return None;
+    }
+    Some(((b0 & 0x0F, at..at + len), at + len))
+}
+
 /// One harness client: connect, subscribe to every event, then account
 /// every position until told to stop (or, stuck, never read again).
 async fn client(
     addr: SocketAddr,
-    url: String,
+    path: String,
     events: usize,
     devices_per_event: usize,
     stuck: bool,
     shared: Arc<Shared>,
     opening: tokio::sync::OwnedSemaphorePermit,
 ) -> anyhow::Result<Account> {
-    let socket = TcpSocket::new_v4()?;
-    if stuck {
-        // A small window, so the host's writes block after a few KB.
-        socket.set_recv_buffer_size(4096)?;
-    }
-    let stream = socket.connect(addr).await?;
-    let mut req = url.as_str().into_client_request()?;
-    req.headers_mut()
-        .insert("cookie", format!("directus_session_token={TOKEN}").parse()?);
-    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    let mut ws = LeanClient::connect(addr, &path, stuck).await?;
     shared.connected.fetch_add(1, Ordering::Relaxed);
     for e in 0..events {
         let frame = format!(
             r#"{{"type":"subscribe","topic":"event:{}","id":"{e}"}}"#,
             event_id(e)
         );
-        ws.send(Message::Text(frame.into())).await?;
+        ws.send_text(&frame).await?;
     }
     let mut account = Account::new(events * devices_per_event);
     let mut pending = events;
     while pending > 0 {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.starts_with(r#"{"type":"subscribed""#) => pending -= 1,
-            Some(Ok(Message::Text(t))) if t.starts_with(r#"{"type":"error""#) => {
-                anyhow::bail!("subscribe refused: {t}")
+        match ws.next().await? {
+            ServerFrame::Text(r) => {
+                let t = &ws.buf[r];
+                if t.starts_with(br#"{"type":"subscribed""#) {
+                    pending -= 1;
+                } else if t.starts_with(br#"{"type":"error""#) {
+                    anyhow::bail!("subscribe refused: {}", String::from_utf8_lossy(t));
+                } else {
+                    account.position(t, devices_per_event, now_us());
+                }
             }
-            Some(Ok(Message::Text(t))) => {
-                account.position(t.as_bytes(), devices_per_event, now_us());
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => anyhow::bail!("closed before subscribed"),
+            ServerFrame::Close => anyhow::bail!("closed before subscribed"),
+            _ => {}
         }
     }
     shared.subscribed.fetch_add(1, Ordering::Relaxed);
@@ -458,11 +581,18 @@ async fn client(
     loop {
         let next = tokio::time::timeout(Duration::from_millis(100), ws.next()).await;
         match next {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                account.position(t.as_bytes(), devices_per_event, now_us());
+            Ok(Ok(ServerFrame::Text(r))) => {
+                account.position(&ws.buf[r], devices_per_event, now_us());
             }
-            Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_)) | None) => return Ok(account),
+            Ok(Ok(ServerFrame::Ping(payload))) => {
+                // Answer as a browser would, or the host drops a silent client.
+                use tokio::io::AsyncWriteExt;
+                let mut f = vec![0x8A, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+                f.extend_from_slice(&payload);
+                ws.stream.write_all(&f).await?;
+            }
+            Ok(Ok(ServerFrame::Close) | Err(_)) => return Ok(account),
+            Ok(Ok(ServerFrame::Other)) => {}
             Err(_) if shared.stop.load(Ordering::Relaxed) => return Ok(account),
             Err(_) => {}
         }
@@ -485,8 +615,11 @@ async fn publish(
         tokio::time::sleep_until(until.into()).await;
         return Ok(published);
     }
+    // No response timeout: under full load a pipeline can take longer than
+    // redis-rs's default 500 ms, and a publisher that gives up loses records.
+    let cfg = redis::AsyncConnectionConfig::new().set_response_timeout(None);
     let mut conn = redis::Client::open(redis_url)?
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&cfg)
         .await?;
     let base_ms = now_us() / 1000;
     let tick = Duration::from_millis(5);
@@ -559,12 +692,17 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
     let mut tasks = Vec::with_capacity(s.clients);
     for i in 0..s.clients {
         let permit = gate.clone().acquire_owned().await?;
-        let (url, shared2) = (host.ws_url.clone(), shared.clone());
+        let shared2 = shared.clone();
+        let path = "/ws-live".to_owned();
         let (events, dpe) = (s.events, s.devices_per_event);
         let stuck = i < s.stuck_clients;
-        tasks.push(tokio::spawn(client(
-            addr, url, events, dpe, stuck, shared2, permit,
-        )));
+        tasks.push(tokio::spawn(async move {
+            let r = client(addr, path, events, dpe, stuck, shared2, permit).await;
+            if let Err(e) = &r {
+                eprintln!("client {i}: {e:#}");
+            }
+            r
+        }));
     }
     let all_in = tokio::time::timeout(Duration::from_secs(120), async {
         while (shared.subscribed.load(Ordering::Relaxed) as usize) < s.clients {
