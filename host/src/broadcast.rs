@@ -27,7 +27,7 @@ use crate::devices::DeviceMap;
 use crate::filter::{AudienceRef, Chain, Decided, Record};
 use crate::latest::{Latest, LatestPositions, Observed};
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, Pushed};
+use crate::outbox::{Floor, Outbox, Pushed};
 use crate::protocol;
 use crate::ratelimit::LogLimiter;
 use crate::record::{Malformed, Position};
@@ -70,6 +70,8 @@ pub struct SnapshotEntry {
     pub device: Box<str>,
     pub ts_ms: i64,
     pub body: Bytes,
+    /// Whether the subscriber must remember its `ts` (see `outbox::Floor`).
+    pub floor: Floor,
 }
 
 /// What the record path needs of the host.
@@ -225,7 +227,13 @@ impl Broadcaster {
                 reached = true;
                 let msg = protocol::position(&topic.prefix, body);
                 for outbox in topic.subscribers() {
-                    let p = outbox.push_position(topic.idx, device, record.position.ts_ms, &msg);
+                    let p = outbox.push_position(
+                        topic.idx,
+                        device,
+                        record.position.ts_ms,
+                        &msg,
+                        Floor::Skip,
+                    );
                     if p == (Pushed::Queued { first: true }) {
                         dirty.push(outbox);
                     }
@@ -307,7 +315,7 @@ impl Broadcaster {
             let Observed::Newer(device) = observed[p.record] else {
                 continue;
             };
-            let (msg, ts) = match d {
+            let (msg, ts, floor) = match d {
                 Decided::Drop => continue,
                 Decided::Pass => {
                     let msg = match &shared {
@@ -318,15 +326,18 @@ impl Broadcaster {
                             m
                         }
                     };
-                    (msg, records[p.record].position.ts_ms)
+                    (msg, records[p.record].position.ts_ms, Floor::Skip)
                 }
+                // A replacement may carry another ts than the record (a
+                // delayed feed): this audience's order is its own.
                 Decided::Replace(r) => (
                     protocol::position(&p.topic.prefix, &r.position.body()),
                     r.position.ts_ms,
+                    Floor::Keep,
                 ),
             };
             for (_, outbox) in &p.topic.audiences[p.audience].members {
-                let pushed = outbox.push_position(p.topic.idx, device, ts, &msg);
+                let pushed = outbox.push_position(p.topic.idx, device, ts, &msg, floor);
                 if pushed == (Pushed::Queued { first: true }) {
                     dirty.push(outbox);
                 }
@@ -354,28 +365,34 @@ impl Broadcaster {
             }
         }
         self.chain.filter(&mut from_db);
-        let mut newest: FxHashMap<Box<str>, Latest> = FxHashMap::default();
-        let db = from_db.into_iter().map(|r| {
+        // Newest per device; a database row newer than anything the host saw
+        // on the stream is the one case where the subscriber must remember
+        // the entry's ts (a late stream record could be older).
+        let mut newest: FxHashMap<Box<str>, (Latest, Floor)> = job
+            .from_memory
+            .into_iter()
+            .map(|(d, l)| (d, (l, Floor::Skip)))
+            .collect();
+        for r in from_db {
+            let ts = r.position.ts_ms;
+            if newest
+                .get(&r.position.device)
+                .is_some_and(|(have, _)| have.ts_ms >= ts)
+            {
+                continue;
+            }
             let latest = Latest {
-                ts_ms: r.position.ts_ms,
+                ts_ms: ts,
                 body: r.position.body(),
                 payload: r.payload,
             };
-            (r.position.device, latest)
-        });
-        for (device, l) in db.chain(job.from_memory) {
-            match newest.get(&device) {
-                Some(have) if have.ts_ms >= l.ts_ms => {}
-                _ => {
-                    newest.insert(device, l);
-                }
-            }
+            newest.insert(r.position.device, (latest, Floor::Keep));
         }
-        let mut entries: Vec<(Box<str>, Latest)> = newest.into_iter().collect();
+        let mut entries: Vec<(Box<str>, (Latest, Floor))> = newest.into_iter().collect();
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
 
         let decided = if self.chain.has_delivery() && !entries.is_empty() {
-            let payloads: Vec<&[u8]> = entries.iter().map(|(_, l)| &l.payload[..]).collect();
+            let payloads: Vec<&[u8]> = entries.iter().map(|(_, (l, _))| &l.payload[..]).collect();
             let audience = [AudienceRef {
                 topic: &job.topic,
                 role: &job.identity.role,
@@ -389,17 +406,19 @@ impl Broadcaster {
         let entries = entries
             .into_iter()
             .zip(decided)
-            .filter_map(|((device, l), d)| match d {
+            .filter_map(|((device, (l, floor)), d)| match d {
                 Decided::Drop => None,
                 Decided::Pass => Some(SnapshotEntry {
                     device,
                     ts_ms: l.ts_ms,
                     body: l.body,
+                    floor,
                 }),
                 Decided::Replace(r) => Some(SnapshotEntry {
                     body: r.position.body(),
                     ts_ms: r.position.ts_ms,
                     device: r.position.device,
+                    floor: Floor::Keep,
                 }),
             })
             .collect();

@@ -420,7 +420,11 @@ async fn subscribe(
         metrics: m,
     };
     let snap = snapshot::build(req.event, &topic, &identity, sources).await;
-    let floors: Vec<_> = snap.entries.iter().map(|e| (e.device, e.ts_ms)).collect();
+    let floors: Vec<_> = snap
+        .entries
+        .iter()
+        .map(|e| (e.device, e.ts_ms, e.floor))
+        .collect();
     let msg = protocol::subscribed(
         &topic,
         req.id.as_deref(),

@@ -55,11 +55,12 @@ const FRAMES_PER_WRITE: usize = 64;
 struct Inner {
     control: VecDeque<OutFrame>,
     control_bytes: usize,
-    /// Per (topic, device): `ts` of the newest position the client has
-    /// (sent, or in its snapshot). Positions at or below it are stale.
+    /// Per (topic, device), where the record path's own order is not
+    /// enough: `ts` of the newest position the client has. Positions at or
+    /// below it are stale. Most connections keep none (see `Floor`).
     floors: FxHashMap<u64, i64>,
     /// Per (topic, device): the newest position not sent yet.
-    pending: FxHashMap<u64, (i64, Bytes)>,
+    pending: FxHashMap<u64, Pending>,
     /// Keys of `pending` in the order they became ready to send. A key can
     /// linger after an unsubscribe removed its position; it is skipped.
     ready: VecDeque<u64>,
@@ -72,6 +73,28 @@ struct Inner {
     blocked_since: Option<Instant>,
     overflow: bool,
     closed: bool,
+}
+
+/// A position waiting for the socket.
+struct Pending {
+    ts: i64,
+    msg: Bytes,
+    /// Remember its `ts` once sent (see [`Floor`]).
+    floor: bool,
+}
+
+/// Whether a position must leave a floor behind once the client has it.
+///
+/// The record path hands every connection the positions of a device in
+/// increasing `ts` (older ones are dropped before routing), so in general
+/// nothing needs remembering per connection. Two cases break that order and
+/// keep a floor: a snapshot entry read from the database that is newer than
+/// what the host has seen on the stream, and a position a delivery-stage
+/// plugin replaced for this audience.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Floor {
+    Keep,
+    Skip,
 }
 
 impl Inner {
@@ -91,9 +114,13 @@ impl Inner {
             self.wire.push_back(f);
         }
         while let Some(k) = self.ready.pop_front() {
-            if let Some((ts, msg)) = self.pending.remove(&k) {
-                self.floors.insert(k, ts);
-                self.wire.push_back(OutFrame::text(msg));
+            if let Some(p) = self.pending.remove(&k) {
+                if p.floor {
+                    self.floors.insert(k, p.ts);
+                } else if let Some(f) = self.floors.get_mut(&k) {
+                    *f = p.ts;
+                }
+                self.wire.push_back(OutFrame::text(p.msg));
             }
         }
     }
@@ -175,6 +202,7 @@ impl Outbox {
         device: DeviceIdx,
         ts: i64,
         msg: &Bytes,
+        floor: Floor,
     ) -> Pushed {
         let mut inner = self.lock();
         if inner.closed {
@@ -185,14 +213,19 @@ impl Outbox {
             return Pushed::Stale;
         }
         let first = !inner.has_work();
+        let pending = Pending {
+            ts,
+            msg: msg.clone(),
+            floor: floor == Floor::Keep,
+        };
         match inner.pending.get_mut(&k) {
-            Some((p, _)) if ts <= *p => return Pushed::Stale,
+            Some(p) if ts <= p.ts => return Pushed::Stale,
             Some(slot) => {
-                *slot = (ts, msg.clone());
+                *slot = pending;
                 return Pushed::Conflated;
             }
             None => {
-                inner.pending.insert(k, (ts, msg.clone()));
+                inner.pending.insert(k, pending);
             }
         }
         if inner.held.contains(&topic) {
@@ -240,17 +273,28 @@ impl Outbox {
         }
     }
 
-    /// Ends a hold: queues `subscribed` (with its snapshot), records what the
-    /// snapshot gave of each device, and releases held positions newer than it.
-    pub fn release(&self, topic: TopicIdx, snapshot: &[(DeviceIdx, i64)], subscribed: Bytes) {
+    /// Ends a hold: queues `subscribed` (with its snapshot), drops held
+    /// positions the snapshot already covers, keeps the floors the snapshot
+    /// asks for, and releases the rest.
+    pub fn release(
+        &self,
+        topic: TopicIdx,
+        snapshot: &[(DeviceIdx, i64, Floor)],
+        subscribed: Bytes,
+    ) {
         let mut inner = self.lock();
         inner.held.retain(|t| *t != topic);
-        for &(device, ts) in snapshot {
+        for &(device, ts, floor) in snapshot {
             let k = key(topic, device);
-            let floor = inner.floors.entry(k).or_insert(ts);
-            *floor = (*floor).max(ts);
-            let floor = *floor;
-            if inner.pending.get(&k).is_some_and(|(p, _)| *p <= floor) {
+            let covered = match inner.floors.get_mut(&k) {
+                Some(f) => {
+                    *f = (*f).max(ts);
+                    *f
+                }
+                None if floor == Floor::Keep => *inner.floors.entry(k).or_insert(ts),
+                None => ts,
+            };
+            if inner.pending.get(&k).is_some_and(|p| p.ts <= covered) {
                 inner.pending.remove(&k);
             }
         }
@@ -389,6 +433,40 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    impl Outbox {
+        fn push_kept(&self, topic: TopicIdx, device: DeviceIdx, ts: i64, msg: &Bytes) -> Pushed {
+            self.push_position(topic, device, ts, msg, Floor::Keep)
+        }
+
+        fn floors(&self) -> usize {
+            self.lock().floors.len()
+        }
+    }
+
+    #[test]
+    fn in_order_positions_leave_no_floor_behind() {
+        let o = Outbox::new(1 << 20, None);
+        o.hold(1);
+        o.push_position(1, 1, 5, &b("d1@5"), Floor::Skip);
+        o.release(
+            1,
+            &[(1, 3, Floor::Skip), (2, 3, Floor::Skip)],
+            b("subscribed"),
+        );
+        assert_eq!(written(&o), ["subscribed", "d1@5"]);
+        o.push_position(1, 2, 4, &b("d2@4"), Floor::Skip);
+        assert_eq!(written(&o), ["d2@4"]);
+        assert_eq!(o.floors(), 0, "an idle subscriber keeps nothing per device");
+        // A snapshot row newer than the stream, or a replaced position, does.
+        o.push_position(1, 3, 9, &b("d3@9"), Floor::Keep);
+        assert_eq!(written(&o), ["d3@9"]);
+        assert_eq!(
+            o.push_position(1, 3, 8, &b("d3@8"), Floor::Skip),
+            Pushed::Stale
+        );
+        assert_eq!(o.floors(), 1);
+    }
+
     fn b(s: &'static str) -> Bytes {
         Bytes::from_static(s.as_bytes())
     }
@@ -425,19 +503,19 @@ mod tests {
     fn conflates_per_device_and_keeps_control() {
         let o = Outbox::new(1 << 20, None);
         assert_eq!(
-            o.push_position(0, 1, 10, &b("d1@10")),
+            o.push_kept(0, 1, 10, &b("d1@10")),
             Pushed::Queued { first: true }
         );
         assert_eq!(
-            o.push_position(0, 2, 10, &b("d2@10")),
+            o.push_kept(0, 2, 10, &b("d2@10")),
             Pushed::Queued { first: false }
         );
-        assert_eq!(o.push_position(0, 1, 11, &b("d1@11")), Pushed::Conflated);
-        assert_eq!(o.push_position(0, 1, 9, &b("d1@9")), Pushed::Stale);
+        assert_eq!(o.push_kept(0, 1, 11, &b("d1@11")), Pushed::Conflated);
+        assert_eq!(o.push_kept(0, 1, 9, &b("d1@9")), Pushed::Stale);
         o.push_control(b("ctl"));
         assert_eq!(written(&o), ["ctl", "d1@11", "d2@10"]);
         // Sent positions set the floor.
-        assert_eq!(o.push_position(0, 1, 11, &b("again")), Pushed::Stale);
+        assert_eq!(o.push_kept(0, 1, 11, &b("again")), Pushed::Stale);
         assert!(written(&o).is_empty());
     }
 
@@ -445,21 +523,25 @@ mod tests {
     fn holds_a_topic_until_its_snapshot_and_skips_what_it_covered() {
         let o = Outbox::new(1 << 20, None);
         o.hold(7);
-        o.push_position(7, 1, 100, &b("d1@100"));
-        o.push_position(7, 2, 50, &b("d2@50"));
+        o.push_kept(7, 1, 100, &b("d1@100"));
+        o.push_kept(7, 2, 50, &b("d2@50"));
         assert!(
             written(&o).is_empty(),
             "held positions wait for the snapshot"
         );
         // The snapshot already has d1@100 (read from the latest cache) and d2@40.
-        o.release(7, &[(1, 100), (2, 40)], b("subscribed"));
+        o.release(
+            7,
+            &[(1, 100, Floor::Skip), (2, 40, Floor::Keep)],
+            b("subscribed"),
+        );
         assert_eq!(written(&o), ["subscribed", "d2@50"]);
     }
 
     #[test]
     fn unsubscribe_drops_queued_positions() {
         let o = Outbox::new(1 << 20, None);
-        o.push_position(3, 1, 1, &b("p"));
+        o.push_kept(3, 1, 1, &b("p"));
         o.remove_topic(3, Some(b("unsubscribed")));
         assert_eq!(written(&o), ["unsubscribed"]);
     }
@@ -481,8 +563,8 @@ mod tests {
     #[test]
     fn a_blocked_socket_keeps_order_and_resumes_mid_frame() {
         let o = Outbox::new(1 << 20, None);
-        o.push_position(0, 1, 1, &b("first"));
-        o.push_position(0, 2, 1, &b("second"));
+        o.push_kept(0, 1, 1, &b("first"));
+        o.push_kept(0, 2, 1, &b("second"));
         let mut wire = Vec::new();
         // The socket takes 4 bytes, then refuses.
         let mut budget = 4;
@@ -500,7 +582,7 @@ mod tests {
         assert!(o.blocked_since().is_some());
         // Meanwhile the record path conflates into the slot of device 1.
         assert_eq!(
-            o.push_position(0, 1, 2, &b("third")),
+            o.push_kept(0, 1, 2, &b("third")),
             Pushed::Queued { first: false }
         );
         let rest = {

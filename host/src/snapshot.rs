@@ -20,6 +20,7 @@ use crate::broadcast::{SnapshotEntry, SnapshotJob, Work};
 use crate::devices::DeviceEvents;
 use crate::latest::{DeviceIdx, LatestPositions};
 use crate::metrics::Metrics;
+use crate::outbox::Floor;
 use crate::registry::Identity;
 
 /// The latest non-faulty position of each device registered to event `$1`,
@@ -49,6 +50,7 @@ pub struct Entry {
     pub device: DeviceIdx,
     pub ts_ms: i64,
     pub body: Bytes,
+    pub floor: Floor,
 }
 
 /// A built snapshot.
@@ -122,6 +124,7 @@ pub async fn build(event: Uuid, topic: &str, identity: &Arc<Identity>, s: Source
             device: s.latest.device_idx(&e.device),
             ts_ms: e.ts_ms,
             body: e.body,
+            floor: e.floor,
         })
         .collect();
     s.metrics.snapshot_size.observe(entries.len() as f64);

@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
         .connect(&postgres_url)
         .await?;
     livecast::dev::schema::migrate(&db).await?;
-    load::seed(&db, 1, 50).await?;
+    load::seed(&db, 0..1, 50).await?;
 
     let target = Target {
         redis_url,
@@ -129,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let bench_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     if which == "snapshot" || which == "standard" {
-        load::seed(&db, SNAPSHOT_EVENT + 1, SNAPSHOT_DEVICES).await?;
+        load::seed(&db, SNAPSHOT_EVENT..SNAPSHOT_EVENT + 1, SNAPSHOT_DEVICES).await?;
         eprintln!("positions: making sure there are {SNAPSHOT_ROWS} rows (kept between runs)");
         let rows =
             load::ensure_positions(&db, SNAPSHOT_EVENT, SNAPSHOT_DEVICES, SNAPSHOT_ROWS).await?;

@@ -11,7 +11,7 @@ use livecast_tests::load::{self, Scenario, Target};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_harness_accounts_for_every_delivery() {
     let env = TestEnv::new().await;
-    load::seed(&env.db, 1, 10).await.expect("seed");
+    load::seed(&env.db, 0..1, 10).await.expect("seed");
     let target = Target {
         redis_url: livecast_tests::services().redis_url.clone(),
         postgres_url: env.postgres_url.clone(),

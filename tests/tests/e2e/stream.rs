@@ -337,3 +337,29 @@ async fn the_processor_group_and_the_stream_are_left_alone() {
         "the host removes its own group when it stops"
     );
 }
+
+#[tokio::test]
+async fn a_snapshot_row_newer_than_the_stream_is_not_undercut_by_a_late_record() {
+    let env = TestEnv::new().await;
+    let event = env.event(&[A]).await;
+    env.user("u", None, &[event]);
+    // The durable writer has a fix the host never saw on the stream (it
+    // started after it), then the tracker uploads an older one from its
+    // offline buffer.
+    let t = now_ms() - 10_000;
+    env.insert_position(A, t, 1.0, 1.0, false).await;
+    let host = env.start_host().await;
+    let mut c = host.connect(&cookie("u")).await;
+    let sub = c.subscribe(event, "s").await;
+    assert_eq!(sub["snapshot"][0]["ts"], t);
+
+    env.publish(&payload(A, t - 5_000, 2.0, 2.0)).await;
+    env.publish(&payload(A, t + 1_000, 3.0, 3.0)).await;
+    let live: Vec<Value> = c
+        .positions_within(Duration::from_millis(600))
+        .await
+        .into_iter()
+        .map(|p| p["ts"].clone())
+        .collect();
+    assert_eq!(live, [Value::from(t + 1_000)], "never older than the snapshot");
+}
