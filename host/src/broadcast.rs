@@ -23,15 +23,15 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::devices::DeviceMap;
+use crate::devices::{DeviceEvents, DeviceMap};
 use crate::filter::{AudienceRef, Chain, Decided, Record};
-use crate::latest::{Latest, LatestPositions, Observed};
+use crate::latest::{DeviceIdx, Latest, LatestPositions, Observed};
 use crate::metrics::Metrics;
 use crate::outbox::{Floor, Outbox, Pushed};
 use crate::protocol;
 use crate::ratelimit::LogLimiter;
 use crate::record::{Malformed, Position};
-use crate::registry::{Identity, Registry, Topic};
+use crate::registry::{Identity, Registry, Topic, View};
 
 /// One stream entry as read: its id and its `payload` field, if any.
 #[derive(Debug)]
@@ -114,6 +114,7 @@ impl Tally {
 /// A (record, topic, audience) the delivery stage decides on.
 struct Pair<'v> {
     record: usize,
+    device: DeviceIdx,
     topic: &'v Topic,
     audience: usize,
 }
@@ -209,39 +210,20 @@ impl Broadcaster {
         let registry = self.registry.view();
         // Outboxes this batch gave something to send.
         let mut dirty: Vec<&Arc<Outbox>> = Vec::new();
-        for ((record, body), seen) in records.iter().zip(bodies).zip(observed) {
-            let Observed::Newer(device) = *seen else {
-                t.stale += 1;
-                continue;
-            };
-            let events = devices.events_of(&record.position.device);
-            if events.is_empty() {
-                t.unrouted += 1;
-                continue;
-            }
-            let mut reached = false;
-            for event in events {
-                let Some(topic) = registry.topic(event) else {
-                    continue;
-                };
-                reached = true;
-                let msg = protocol::position(&topic.prefix, body);
+        each_route(
+            records,
+            observed,
+            &devices,
+            &registry,
+            &mut t,
+            |t, i, device, topic| {
+                let msg = protocol::position(&topic.prefix, &bodies[i]);
+                let ts = records[i].position.ts_ms;
                 for outbox in topic.subscribers() {
-                    let p = outbox.push_position(
-                        topic.idx,
-                        device,
-                        record.position.ts_ms,
-                        &msg,
-                        Floor::Skip,
-                    );
-                    if p == (Pushed::Queued { first: true }) {
-                        dirty.push(outbox);
-                    }
-                    t.pushed(p);
+                    push(outbox, topic, device, ts, &msg, Floor::Skip, &mut dirty, t);
                 }
-            }
-            t.routed += u64::from(reached);
-        }
+            },
+        );
         wake(&dirty);
         t
     }
@@ -260,30 +242,21 @@ impl Broadcaster {
         let devices = self.devices.current();
         let registry = self.registry.view();
         let mut pairs: Vec<Pair<'_>> = Vec::new();
-        for (i, (record, seen)) in records.iter().zip(observed).enumerate() {
-            if *seen == Observed::Stale {
-                t.stale += 1;
-                continue;
-            }
-            let events = devices.events_of(&record.position.device);
-            if events.is_empty() {
-                t.unrouted += 1;
-                continue;
-            }
-            let mut reached = false;
-            for event in events {
-                let Some(topic) = registry.topic(event) else {
-                    continue;
-                };
-                reached = true;
+        each_route(
+            records,
+            observed,
+            &devices,
+            &registry,
+            &mut t,
+            |_, i, device, topic| {
                 pairs.extend((0..topic.audiences.len()).map(|audience| Pair {
                     record: i,
+                    device,
                     topic,
                     audience,
                 }));
-            }
-            t.routed += u64::from(reached);
-        }
+            },
+        );
         if pairs.is_empty() {
             return t;
         }
@@ -312,9 +285,6 @@ impl Broadcaster {
         let mut shared: Option<(usize, u32, Bytes)> = None;
         let mut dirty: Vec<&Arc<Outbox>> = Vec::new();
         for (p, d) in pairs.iter().zip(decided) {
-            let Observed::Newer(device) = observed[p.record] else {
-                continue;
-            };
             let (msg, ts, floor) = match d {
                 Decided::Drop => continue,
                 Decided::Pass => {
@@ -337,11 +307,9 @@ impl Broadcaster {
                 ),
             };
             for (_, outbox) in &p.topic.audiences[p.audience].members {
-                let pushed = outbox.push_position(p.topic.idx, device, ts, &msg, floor);
-                if pushed == (Pushed::Queued { first: true }) {
-                    dirty.push(outbox);
-                }
-                t.pushed(pushed);
+                push(
+                    outbox, p.topic, p.device, ts, &msg, floor, &mut dirty, &mut t,
+                );
             }
         }
         wake(&dirty);
@@ -424,6 +392,55 @@ impl Broadcaster {
             .collect();
         let _ = job.reply.send(entries);
     }
+}
+
+/// Calls `each(tally, record, device, topic)` for every subscribed topic of
+/// every record worth routing, counting what is not.
+fn each_route<'v>(
+    records: &[Record],
+    observed: &[Observed],
+    devices: &DeviceEvents,
+    registry: &'v View<'_>,
+    t: &mut Tally,
+    mut each: impl FnMut(&mut Tally, usize, DeviceIdx, &'v Topic),
+) {
+    for (i, (record, seen)) in records.iter().zip(observed).enumerate() {
+        let Observed::Newer(device) = *seen else {
+            t.stale += 1;
+            continue;
+        };
+        let events = devices.events_of(&record.position.device);
+        if events.is_empty() {
+            t.unrouted += 1;
+            continue;
+        }
+        let mut reached = false;
+        for topic in events.iter().filter_map(|e| registry.topic(e)) {
+            reached = true;
+            each(t, i, device, topic);
+        }
+        t.routed += u64::from(reached);
+    }
+}
+
+/// Queues one position for one subscriber, noting an outbox that now has
+/// something to send.
+#[allow(clippy::too_many_arguments)]
+fn push<'v>(
+    outbox: &'v Arc<Outbox>,
+    topic: &Topic,
+    device: DeviceIdx,
+    ts: i64,
+    msg: &Bytes,
+    floor: Floor,
+    dirty: &mut Vec<&'v Arc<Outbox>>,
+    t: &mut Tally,
+) {
+    let p = outbox.push_position(topic.idx, device, ts, msg, floor);
+    if p == (Pushed::Queued { first: true }) {
+        dirty.push(outbox);
+    }
+    t.pushed(p);
 }
 
 /// Hands each connection that got something to send in this batch to its

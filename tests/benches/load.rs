@@ -18,8 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use livecast_tests::load::{self, Report, Scenario, Target};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::postgres::PgPoolOptions;
 
 const SNAPSHOT_EVENT: usize = 90;
 const SNAPSHOT_DEVICES: usize = 500;
@@ -37,22 +36,6 @@ fn scenario(name: &str, clients: usize, stuck: usize, rate: u32, secs: u64) -> S
     }
 }
 
-async fn bench_database(server: &str) -> anyhow::Result<String> {
-    let opts: PgConnectOptions = server.parse()?;
-    let mut admin = opts.connect().await?;
-    let exists: Option<i32> =
-        sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = 'livecast_bench'")
-            .fetch_optional(&mut admin)
-            .await?;
-    if exists.is_none() {
-        sqlx::query("CREATE DATABASE livecast_bench")
-            .execute(&mut admin)
-            .await?;
-    }
-    admin.close().await?;
-    Ok(opts.database("livecast_bench").to_url_lossy().to_string())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     livecast::server::install_crypto();
@@ -67,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let server = std::env::var("POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let postgres_url = bench_database(&server).await?;
+    let postgres_url = livecast::dev::schema::ensure_database(&server, "livecast_bench").await?;
     let db = PgPoolOptions::new()
         .max_connections(2)
         .connect(&postgres_url)

@@ -382,19 +382,10 @@ pub fn payload(e: usize, d: usize, seq: u64, base_ms: u64) -> String {
     let lat = 41.3 + (seq as f64) * 1e-5;
     let lon = 19.8 + (d as f64) * 1e-4;
     let ts = base_ms + seq;
-    let secs = ts / 1000;
-    let t = time::OffsetDateTime::from_unix_timestamp(secs as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
-        r#"{{"device_id":"{}","timestamp":"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z","latitude":{lat},"longitude":{lon},"altitude":112,"angle":271,"speed":63,"satellites":11,"priority":0,"attributes":{{"239":1,"240":1,"21":4,"66":12841,"24":63,"16":{},"9998":{seq},"9999":{}}}}}"#,
+        r#"{{"device_id":"{}","timestamp":"{}","latitude":{lat},"longitude":{lon},"altitude":112,"angle":271,"speed":63,"satellites":11,"priority":0,"attributes":{{"239":1,"240":1,"21":4,"66":12841,"24":63,"16":{},"9998":{seq},"9999":{}}}}}"#,
         imei(e, d),
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        ts % 1000,
+        crate::iso(ts as i64),
         1_000_000 + seq,
         now_us()
     )
@@ -689,8 +680,8 @@ async fn prime(
     Ok(())
 }
 
-/// Runs a scenario against a fresh host process.
-pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
+/// A Directus stand-in whose one user ([`TOKEN`]) may read `events`.
+async fn standin(events: impl IntoIterator<Item = Uuid>) -> anyhow::Result<DirectusStandIn> {
     let directus = DirectusStandIn::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
     directus.add_user(
         TOKEN,
@@ -698,9 +689,15 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
             id: Uuid::from_u128(1),
             email: "load@livecast.invalid".into(),
             role: None,
-            events: (0..s.events).map(event_id).collect(),
+            events: events.into_iter().collect(),
         },
     );
+    Ok(directus)
+}
+
+/// Runs a scenario against a fresh host process.
+pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
+    let directus = standin((0..s.events).map(event_id)).await?;
     let host = HostProcess::start(
         t,
         &directus,
@@ -848,16 +845,7 @@ pub async fn snapshot_latency(
     devices_per_event: usize,
     n: usize,
 ) -> anyhow::Result<(Vec<f64>, usize)> {
-    let directus = DirectusStandIn::start(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)).await?;
-    directus.add_user(
-        TOKEN,
-        StandInUser {
-            id: Uuid::from_u128(1),
-            email: "load@livecast.invalid".into(),
-            role: None,
-            events: [event_id(event)].into(),
-        },
-    );
+    let directus = standin([event_id(event)]).await?;
     let host = HostProcess::start(t, &directus, &[]).await?;
     let mut req = host.ws_url.as_str().into_client_request()?;
     req.headers_mut()

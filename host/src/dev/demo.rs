@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use clap::Args;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 use super::directus_standin::{DirectusStandIn, StandInUser};
@@ -65,7 +65,7 @@ fn imei(i: u32) -> String {
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     crate::server::install_crypto();
     crate::logging::init(LogFormat::Pretty);
-    let db_url = demo_database(&args.postgres_url).await?;
+    let db_url = super::schema::ensure_database(&args.postgres_url, "livecast_demo").await?;
     let db = PgPoolOptions::new()
         .max_connections(2)
         .connect(&db_url)
@@ -132,25 +132,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await;
     publisher.abort();
     result
-}
-
-/// Creates `livecast_demo` on the server when missing; returns its URL.
-async fn demo_database(server_url: &str) -> anyhow::Result<String> {
-    let opts: PgConnectOptions = server_url.parse()?;
-    let mut admin = opts.connect().await.map_err(|e| {
-        anyhow::anyhow!("cannot reach PostgreSQL at {server_url} (POSTGRES_URL): {e}")
-    })?;
-    let exists: Option<i32> =
-        sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = 'livecast_demo'")
-            .fetch_optional(&mut admin)
-            .await?;
-    if exists.is_none() {
-        sqlx::query("CREATE DATABASE livecast_demo")
-            .execute(&mut admin)
-            .await?;
-    }
-    admin.close().await?;
-    Ok(opts.database("livecast_demo").to_url_lossy().to_string())
 }
 
 /// The demo organization, event and devices, and a last known position for

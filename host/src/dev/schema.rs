@@ -5,7 +5,8 @@
 use std::borrow::Cow;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{PgPool, SqlSafeStr};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgPool, SqlSafeStr};
 
 const MIGRATIONS: [(i64, &str, &str); 2] = [
     (
@@ -46,4 +47,26 @@ pub fn migrator() -> Migrator {
 /// Applies the migrations to the pool's database (its `search_path` schema).
 pub async fn migrate(db: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     migrator().run(db).await
+}
+
+/// Creates database `name` on the server of `server_url` when it is
+/// missing (the demo's and the benchmarks' own), and returns its URL.
+pub async fn ensure_database(server_url: &str, name: &str) -> anyhow::Result<String> {
+    let opts: PgConnectOptions = server_url.parse()?;
+    let mut admin = opts.connect().await.map_err(|e| {
+        anyhow::anyhow!("cannot reach PostgreSQL at {server_url} (POSTGRES_URL): {e}")
+    })?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_optional(&mut admin)
+        .await?;
+    if exists.is_none() {
+        // A name cannot be a bind parameter; ours are fixed identifiers.
+        let create = format!("CREATE DATABASE \"{}\"", name.replace('"', ""));
+        sqlx::query(sqlx::AssertSqlSafe(create))
+            .execute(&mut admin)
+            .await?;
+    }
+    admin.close().await?;
+    Ok(opts.database(name).to_url_lossy().to_string())
 }

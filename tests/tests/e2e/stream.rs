@@ -361,5 +361,9 @@ async fn a_snapshot_row_newer_than_the_stream_is_not_undercut_by_a_late_record()
         .into_iter()
         .map(|p| p["ts"].clone())
         .collect();
-    assert_eq!(live, [Value::from(t + 1_000)], "never older than the snapshot");
+    assert_eq!(
+        live,
+        [Value::from(t + 1_000)],
+        "never older than the snapshot"
+    );
 }
