@@ -112,11 +112,12 @@ impl Tally {
 }
 
 /// A (record, topic, audience) the delivery stage decides on.
-struct Pair<'v> {
+struct Pair {
     record: usize,
     device: DeviceIdx,
-    topic: &'v Topic,
-    audience: usize,
+    event: uuid::Uuid,
+    /// Index into the batch's audiences.
+    audience: u32,
 }
 
 impl Broadcaster {
@@ -231,7 +232,9 @@ impl Broadcaster {
     /// With a delivery stage: the chain decides per (record, audience), in
     /// one call per plugin for the whole batch. Audiences the chain passes
     /// share the topic's message; a replacement is serialized once for its
-    /// audience.
+    /// audience. The registry is not locked while plugins run (subscribes
+    /// would wait on them): the pairs are collected, decided, then pushed to
+    /// whoever subscribes to each audience by then.
     fn route_per_audience(
         &mut self,
         records: &[Record],
@@ -240,75 +243,92 @@ impl Broadcaster {
     ) -> Tally {
         let mut t = Tally::default();
         let devices = self.devices.current();
-        let registry = self.registry.view();
-        let mut pairs: Vec<Pair<'_>> = Vec::new();
-        each_route(
-            records,
-            observed,
-            &devices,
-            &registry,
-            &mut t,
-            |_, i, device, topic| {
-                pairs.extend((0..topic.audiences.len()).map(|audience| Pair {
-                    record: i,
-                    device,
-                    topic,
-                    audience,
-                }));
-            },
-        );
+        let mut pairs: Vec<Pair> = Vec::new();
+        let mut audiences: Vec<(String, Arc<Identity>)> = Vec::new();
+        {
+            let registry = self.registry.view();
+            let mut audience_index: FxHashMap<(u32, usize), u32> = FxHashMap::default();
+            each_route(
+                records,
+                observed,
+                &devices,
+                &registry,
+                &mut t,
+                |_, i, device, topic| {
+                    for (a, group) in topic.audiences.iter().enumerate() {
+                        let audience = *audience_index.entry((topic.idx, a)).or_insert_with(|| {
+                            audiences.push((topic.name.clone(), group.identity.clone()));
+                            (audiences.len() - 1) as u32
+                        });
+                        pairs.push(Pair {
+                            record: i,
+                            device,
+                            event: topic.event,
+                            audience,
+                        });
+                    }
+                },
+            );
+        }
         if pairs.is_empty() {
             return t;
         }
-
-        // Number the distinct audiences of the batch for the plugins.
-        let mut audience_index: FxHashMap<(u32, usize), u32> = FxHashMap::default();
-        let mut audiences: Vec<AudienceRef<'_>> = Vec::new();
-        let mut abi_pairs = Vec::with_capacity(pairs.len());
-        for p in &pairs {
-            let a = *audience_index
-                .entry((p.topic.idx, p.audience))
-                .or_insert_with(|| {
-                    let id = &p.topic.audiences[p.audience].identity;
-                    audiences.push(AudienceRef {
-                        topic: &p.topic.name,
-                        role: &id.role,
-                        user_id: &id.user_id,
-                    });
-                    (audiences.len() - 1) as u32
-                });
-            abi_pairs.push((p.record as u32, a));
-        }
+        let refs: Vec<AudienceRef<'_>> = audiences
+            .iter()
+            .map(|(topic, id)| AudienceRef {
+                topic,
+                role: &id.role,
+                user_id: &id.user_id,
+            })
+            .collect();
+        let abi_pairs: Vec<(u32, u32)> = pairs
+            .iter()
+            .map(|p| (p.record as u32, p.audience))
+            .collect();
         let payloads: Vec<&[u8]> = records.iter().map(|r| &r.payload[..]).collect();
-        let decided = self.chain.deliver(&payloads, &audiences, &abi_pairs);
+        let decided = self.chain.deliver(&payloads, &refs, &abi_pairs);
 
+        let registry = self.registry.view();
         let mut shared: Option<(usize, u32, Bytes)> = None;
         let mut dirty: Vec<&Arc<Outbox>> = Vec::new();
         for (p, d) in pairs.iter().zip(decided) {
-            let (msg, ts, floor) = match d {
+            let Some(topic) = registry.topic(&p.event) else {
+                continue;
+            };
+            let identity = &audiences[p.audience as usize].1;
+            let Some(group) = topic.audiences.iter().find(|a| a.identity == *identity) else {
+                continue;
+            };
+            // Every position of an audience keeps a floor here: a plugin may
+            // pass one record and give an older (delayed) one for the next.
+            let (msg, ts) = match d {
                 Decided::Drop => continue,
                 Decided::Pass => {
                     let msg = match &shared {
-                        Some((r, topic, m)) if *r == p.record && *topic == p.topic.idx => m.clone(),
+                        Some((r, idx, m)) if *r == p.record && *idx == topic.idx => m.clone(),
                         _ => {
-                            let m = protocol::position(&p.topic.prefix, &bodies[p.record]);
-                            shared = Some((p.record, p.topic.idx, m.clone()));
+                            let m = protocol::position(&topic.prefix, &bodies[p.record]);
+                            shared = Some((p.record, topic.idx, m.clone()));
                             m
                         }
                     };
-                    (msg, records[p.record].position.ts_ms, Floor::Skip)
+                    (msg, records[p.record].position.ts_ms)
                 }
-                // A replacement may carry another ts than the record (a
-                // delayed feed): this audience's order is its own.
                 Decided::Replace(r) => (
-                    protocol::position(&p.topic.prefix, &r.position.body()),
+                    protocol::position(&topic.prefix, &r.position.body()),
                     r.position.ts_ms,
-                    Floor::Keep,
                 ),
             };
-            for (_, outbox) in &p.topic.audiences[p.audience].members {
+            for (_, outbox) in &group.members {
                 push(
-                    outbox, p.topic, p.device, ts, &msg, floor, &mut dirty, &mut t,
+                    outbox,
+                    topic,
+                    p.device,
+                    ts,
+                    &msg,
+                    Floor::Keep,
+                    &mut dirty,
+                    &mut t,
                 );
             }
         }

@@ -150,6 +150,9 @@ pub async fn serve(
             End::Shutdown => conn.shared.config.drain_timeout(),
             _ => Duration::from_secs(2),
         };
+        if matches!(end, End::Protocol | End::InvalidUtf8 | End::TooLarge) {
+            ws.discard_input();
+        }
         close(&mut ws, &conn.outbox, code, reason, grace).await;
     }
     conn.outbox.close();
@@ -173,7 +176,7 @@ async fn close(
             match outbox.flush() {
                 Flushed::Done => break,
                 Flushed::Blocked => {
-                    if ws.writable().await.is_err() {
+                    if ws.socket().writable().await.is_err() {
                         return;
                     }
                 }
@@ -242,7 +245,7 @@ impl Conn {
                             Incoming::Pong => {}
                             Incoming::Close(code) => {
                                 // Complete the closing handshake the client started.
-                                let echo = code.filter(|c| (1000..5000).contains(c)).unwrap_or(1000);
+                                let echo = code.filter(|c| sendable(*c)).unwrap_or(1000);
                                 self.outbox.replace_with_close(OutFrame::close(echo, ""));
                                 let _ = self.outbox.flush();
                                 return End::Client;
@@ -337,6 +340,12 @@ impl Conn {
             }
         }
     }
+}
+
+/// Close codes that may appear on the wire (RFC 6455 §7.4): 1005, 1006 and
+/// 1015 are reserved for reporting, never sent.
+fn sendable(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn poll_in_flight(f: &mut Option<(Uuid, InFlight)>) -> impl Future<Output = Done> + '_ {

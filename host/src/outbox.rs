@@ -72,6 +72,8 @@ struct Inner {
     /// Since when the socket has refused bytes; `None` while it keeps up.
     blocked_since: Option<Instant>,
     overflow: bool,
+    /// A close frame is queued: nothing may follow it on the wire.
+    closing: bool,
     closed: bool,
 }
 
@@ -106,13 +108,15 @@ impl Inner {
         self.floors.get(&k).is_some_and(|f| ts <= *f)
     }
 
-    /// Moves what may be sent into the wire queue: control first, then the
-    /// newest position of each ready slot.
+    /// Moves what may be sent into the (empty) wire queue: control first,
+    /// then the newest position of each ready slot. Only an empty wire takes
+    /// more, so that while a socket is blocked positions stay in their slots,
+    /// where newer ones replace them.
     fn stage(&mut self) {
-        while let Some(f) = self.control.pop_front() {
-            self.control_bytes -= f.payload_len();
-            self.wire.push_back(f);
+        if !self.wire.is_empty() || self.closing {
+            return;
         }
+        self.wire.extend(self.control.drain(..));
         while let Some(k) = self.ready.pop_front() {
             if let Some(p) = self.pending.remove(&k) {
                 if p.floor {
@@ -129,10 +133,8 @@ impl Inner {
         if self.pending.is_empty() && self.pending.capacity() > KEEP_PENDING {
             self.pending = FxHashMap::default();
         }
-        for q in [&mut self.ready] {
-            if q.is_empty() && q.capacity() > KEEP_QUEUE {
-                *q = VecDeque::new();
-            }
+        if self.ready.is_empty() && self.ready.capacity() > KEEP_QUEUE {
+            self.ready = VecDeque::new();
         }
         for q in [&mut self.wire, &mut self.control] {
             if q.is_empty() && q.capacity() > KEEP_QUEUE {
@@ -205,7 +207,7 @@ impl Outbox {
         floor: Floor,
     ) -> Pushed {
         let mut inner = self.lock();
-        if inner.closed {
+        if inner.closed || inner.closing {
             return Pushed::Closed;
         }
         let k = key(topic, device);
@@ -213,7 +215,7 @@ impl Outbox {
             return Pushed::Stale;
         }
         let first = !inner.has_work();
-        let pending = Pending {
+        let pending = || Pending {
             ts,
             msg: msg.clone(),
             floor: floor == Floor::Keep,
@@ -221,11 +223,11 @@ impl Outbox {
         match inner.pending.get_mut(&k) {
             Some(p) if ts <= p.ts => return Pushed::Stale,
             Some(slot) => {
-                *slot = pending;
+                *slot = pending();
                 return Pushed::Conflated;
             }
             None => {
-                inner.pending.insert(k, pending);
+                inner.pending.insert(k, pending());
             }
         }
         if inner.held.contains(&topic) {
@@ -239,7 +241,7 @@ impl Outbox {
     /// write it. Returns false when the control backlog is over its limit
     /// (the connection will be closed with 1008).
     pub fn push_control(&self, msg: Bytes) -> bool {
-        self.push_frame(OutFrame::text(msg))
+        self.push_frame(OutFrame::text(msg).as_control())
     }
 
     /// Queues a WebSocket control frame (ping, pong, close).
@@ -252,25 +254,30 @@ impl Outbox {
     }
 
     fn push_control_locked(&self, inner: &mut Inner, frame: OutFrame) -> bool {
-        if inner.closed {
+        if inner.closed || inner.closing {
             return false;
         }
-        // Only a backlog counts: one large message (a big snapshot) to a
-        // client that reads is not a reason to close it.
+        // Only a backlog counts (what is queued or on the wire, unwritten):
+        // one large message (a big snapshot) to a client that reads is not a
+        // reason to close it.
         if inner.control_bytes > self.control_limit {
             inner.overflow = true;
         }
-        inner.control_bytes += frame.payload_len();
+        let frame = frame.as_control();
+        inner.control_bytes += frame.control_len();
         inner.control.push_back(frame);
         !inner.overflow
     }
 
     /// Starts holding a topic's positions (a snapshot is being built).
+    /// Positions of the topic not yet on the wire wait too: sent now, one
+    /// could be newer than the snapshot that follows it.
     pub fn hold(&self, topic: TopicIdx) {
         let mut inner = self.lock();
         if !inner.held.contains(&topic) {
             inner.held.push(topic);
         }
+        inner.ready.retain(|k| topic_of(*k) != topic);
     }
 
     /// Ends a hold: queues `subscribed` (with its snapshot), drops held
@@ -319,9 +326,8 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Writes what is queued without waiting. Called by the record path
-    /// after a batch and by the connection task; whoever sees the socket
-    /// refuse bytes leaves the rest to the task (which is woken).
+    /// Writes what is queued without waiting (the connection task calls it
+    /// when woken, and when its blocked socket drains).
     pub fn flush(&self) -> Flushed {
         let Some(socket) = &self.socket else {
             return Flushed::Gone;
@@ -341,8 +347,8 @@ impl Outbox {
         if inner.overflow {
             return Flushed::Overflow;
         }
-        inner.stage();
         let result = loop {
+            inner.stage();
             if inner.wire.is_empty() {
                 break Flushed::Done;
             }
@@ -352,7 +358,8 @@ impl Outbox {
                 Ok(0) => break Flushed::Gone,
                 Ok(n) => {
                     let Inner { wire, written, .. } = &mut *inner;
-                    ws::consume(wire, written, n);
+                    let done = ws::consume(wire, written, n);
+                    inner.control_bytes = inner.control_bytes.saturating_sub(done);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Flushed::Blocked,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -361,12 +368,7 @@ impl Outbox {
         };
         match result {
             Flushed::Blocked => {
-                let first = inner.blocked_since.is_none();
                 inner.blocked_since.get_or_insert_with(Instant::now);
-                drop(inner);
-                if first {
-                    self.notify.notify_one();
-                }
             }
             Flushed::Done => {
                 inner.blocked_since = None;
@@ -395,6 +397,7 @@ impl Outbox {
         inner.pending.clear();
         inner.ready.clear();
         inner.overflow = false;
+        inner.closing = true;
     }
 
     /// Wakes the connection task to write what the record path queued.
@@ -421,7 +424,6 @@ impl Outbox {
     /// Refuses further pushes and frees the queue.
     pub fn close(&self) {
         let mut inner = self.lock();
-        inner.closed = true;
         *inner = Inner {
             closed: true,
             ..Inner::default()
@@ -561,6 +563,39 @@ mod tests {
     }
 
     #[test]
+    fn a_resubscribe_holds_positions_already_queued() {
+        let o = Outbox::new(1 << 20, None);
+        o.push_kept(4, 1, 100, &b("d1@100"));
+        // Re-subscribe: the snapshot will carry d1@120, so d1@120 must not
+        // go out before it, and d1@100 not at all.
+        o.hold(4);
+        assert_eq!(o.push_kept(4, 1, 120, &b("d1@120")), Pushed::Conflated);
+        assert!(written(&o).is_empty());
+        o.release(4, &[(1, 120, Floor::Skip)], b("subscribed"));
+        assert_eq!(written(&o), ["subscribed"]);
+    }
+
+    #[test]
+    fn nothing_follows_a_close_frame() {
+        let o = Outbox::new(1 << 20, None);
+        o.push_kept(0, 1, 1, &b("p"));
+        o.replace_with_close(OutFrame::close(1001, "bye"));
+        assert_eq!(o.push_kept(0, 2, 1, &b("late")), Pushed::Closed);
+        assert!(!o.push_control(b("late")));
+        let mut wire = Vec::new();
+        o.flush_with(|slices| {
+            let mut n = 0;
+            for s in slices {
+                wire.extend_from_slice(s);
+                n += s.len();
+            }
+            Ok(n)
+        });
+        assert_eq!(wire[0], 0x88, "only the close frame");
+        assert_eq!(wire.len(), 2 + 2 + 3);
+    }
+
+    #[test]
     fn a_blocked_socket_keeps_order_and_resumes_mid_frame() {
         let o = Outbox::new(1 << 20, None);
         o.push_kept(0, 1, 1, &b("first"));
@@ -580,11 +615,18 @@ mod tests {
         });
         assert_eq!(r, Flushed::Blocked);
         assert!(o.blocked_since().is_some());
-        // Meanwhile the record path conflates into the slot of device 1.
+        // Meanwhile the record path queues device 1 again; while the socket
+        // stays blocked the position stays in its slot (not on the wire),
+        // where a newer one replaces it.
         assert_eq!(
             o.push_kept(0, 1, 2, &b("third")),
             Pushed::Queued { first: false }
         );
+        assert_eq!(
+            o.flush_with(|_| Err(io::ErrorKind::WouldBlock.into())),
+            Flushed::Blocked
+        );
+        assert_eq!(o.push_kept(0, 1, 3, &b("fourth")), Pushed::Conflated);
         let rest = {
             let mut rest = Vec::new();
             o.flush_with(|slices| {
@@ -598,7 +640,7 @@ mod tests {
             rest
         };
         wire.extend_from_slice(&rest);
-        assert_eq!(frames(&wire), ["first", "second", "third"]);
+        assert_eq!(frames(&wire), ["first", "second", "fourth"]);
         assert!(o.blocked_since().is_none());
     }
 }

@@ -100,7 +100,7 @@ impl Host {
         let chain = Chain::load(&spec, &metrics.filter)
             .map_err(|e| anyhow::anyhow!("LIVE_FILTER_CHAIN: {e}"))?;
         tracing::info!(plugins = ?chain.names(), "filter chain loaded");
-        let chain_fingerprint = reload::initial_fingerprint(&spec);
+        let chain_fingerprint = reload::fingerprint(&spec);
         // A few batches of slack between Redis and the record path; past that
         // the consumer waits, and the lag shows in `livecast_consumer_lag`.
         let (work_tx, work) = mpsc::channel(4);
@@ -376,6 +376,10 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                // Without a timer hyper applies no header timeout, and an
+                // idle or trickling connection would be held for ever.
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), service)
                 .with_upgrades()
                 .await;

@@ -57,8 +57,6 @@ pub struct Entry {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub entries: Vec<Entry>,
-    /// Whether the database answered (false: served from memory only).
-    pub from_database: bool,
 }
 
 /// What a snapshot is built from.
@@ -128,8 +126,5 @@ pub async fn build(event: Uuid, topic: &str, identity: &Arc<Identity>, s: Source
         })
         .collect();
     s.metrics.snapshot_size.observe(entries.len() as f64);
-    Snapshot {
-        entries,
-        from_database,
-    }
+    Snapshot { entries }
 }

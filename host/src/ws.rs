@@ -67,6 +67,8 @@ pub struct OutFrame {
     header: [u8; 10],
     header_len: u8,
     payload: Bytes,
+    /// Counts against the connection's control backlog until written.
+    control: bool,
 }
 
 impl OutFrame {
@@ -95,6 +97,18 @@ impl OutFrame {
         self.payload.len()
     }
 
+    /// Marks the frame as a control message (a reply, ping, pong, close):
+    /// its bytes count against the backlog limit until they are written.
+    pub fn as_control(mut self) -> Self {
+        self.control = true;
+        self
+    }
+
+    /// Payload bytes that count against the control backlog.
+    pub fn control_len(&self) -> usize {
+        if self.control { self.payload.len() } else { 0 }
+    }
+
     fn new(opcode: u8, payload: Bytes) -> Self {
         let mut header = [0u8; 10];
         let len = payload.len();
@@ -119,6 +133,7 @@ impl OutFrame {
             header,
             header_len,
             payload,
+            control: false,
         }
     }
 
@@ -130,6 +145,10 @@ impl OutFrame {
 /// Client frames to messages: the reading half, independent of the socket.
 #[derive(Default)]
 struct Decoder {
+    /// After a protocol error nothing more is parsed; input is read and
+    /// dropped (closing a socket with unread input resets it, and the reset
+    /// can overtake our close frame).
+    discarding: bool,
     /// Bytes of an incomplete frame; empty (and unallocated) when idle.
     pending: Vec<u8>,
     /// The payload of a fragmented message being received.
@@ -152,9 +171,12 @@ impl WebSocket {
         }
     }
 
-    /// Waits until the socket may take more bytes.
-    pub async fn writable(&self) -> io::Result<()> {
-        self.stream.writable().await
+    /// Stops parsing: from now on [`WebSocket::read`] only drains the socket,
+    /// until the client closes it.
+    pub fn discard_input(&mut self) {
+        self.decoder.discarding = true;
+        self.decoder.pending = Vec::new();
+        self.decoder.message = Vec::new();
     }
 
     /// The socket, shared with the connection's outbox.
@@ -166,7 +188,11 @@ impl WebSocket {
     /// nothing read is lost if the future is dropped.
     pub async fn read(&mut self, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
         loop {
-            self.decoder.parse(out)?;
+            if self.decoder.discarding {
+                self.decoder.pending.clear();
+            } else {
+                self.decoder.parse(out)?;
+            }
             if !out.is_empty() {
                 return Ok(());
             }
@@ -209,18 +235,22 @@ pub fn slices<'a>(
     used
 }
 
-/// Records that `n` more bytes of the queue went out.
-pub fn consume(out: &mut VecDeque<OutFrame>, written: &mut usize, mut n: usize) {
+/// Records that `n` more bytes of the queue went out; returns the control
+/// payload bytes of the frames it completed.
+pub fn consume(out: &mut VecDeque<OutFrame>, written: &mut usize, mut n: usize) -> usize {
+    let mut control = 0;
     while let Some(f) = out.front() {
         let left = f.len() - *written;
         if n < left {
             *written += n;
-            return;
+            break;
         }
         n -= left;
         *written = 0;
+        control += f.control_len();
         out.pop_front();
     }
+    control
 }
 
 impl Decoder {
@@ -244,6 +274,9 @@ impl Decoder {
         match f.opcode {
             PING => out.push(Incoming::Ping(Bytes::copy_from_slice(&f.payload))),
             PONG => out.push(Incoming::Pong),
+            CLOSE if f.payload.len() == 1 => {
+                return Err(ReadError::Protocol("a close frame with half a status code"));
+            }
             CLOSE => {
                 let code = (f.payload.len() >= 2)
                     .then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
@@ -455,6 +488,7 @@ mod tests {
             consume(&mut out, &mut written, n);
             (out.len(), written)
         };
+        // (control accounting is covered by the outbox's tests)
         assert_eq!(consume(3), (3, 3), "inside the first frame");
         assert_eq!(consume(4), (2, 0), "exactly to its end");
         assert_eq!(consume(303), (2, 303), "one byte of the second frame left");

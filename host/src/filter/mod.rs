@@ -77,10 +77,6 @@ impl Chain {
         self.plugins.iter().map(|p| p.name.to_string()).collect()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.plugins.is_empty()
-    }
-
     /// Whether any plugin has a delivery stage.
     pub fn has_delivery(&self) -> bool {
         self.plugins.iter().any(Plugin::has_deliver)

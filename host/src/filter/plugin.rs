@@ -134,10 +134,6 @@ impl Plugin {
         self.compiled.has_deliver
     }
 
-    pub fn module_hash(&self) -> &str {
-        &self.compiled.hash
-    }
-
     fn policy_decision(&self) -> Decided {
         match self.policy {
             Policy::FailClosed => Decided::Drop,

@@ -17,8 +17,9 @@ use super::{Chain, FilterMetrics};
 use crate::broadcast::Work;
 use crate::metrics::inc;
 
-/// A digest of everything a chain is made of; `None` when it cannot be read.
-fn fingerprint(spec: &ChainSpec) -> [u8; 32] {
+/// A digest of everything a chain is made of: two chains with the same
+/// fingerprint behave the same.
+pub fn fingerprint(spec: &ChainSpec) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(spec.max_module_bytes.to_le_bytes());
     for p in &spec.plugins {
@@ -36,11 +37,6 @@ fn fingerprint(spec: &ChainSpec) -> [u8; 32] {
         h.update((p.memory_limit as u64).to_le_bytes());
     }
     h.finalize().into()
-}
-
-/// Fingerprint of the chain a host started with.
-pub fn initial_fingerprint(spec: &ChainSpec) -> [u8; 32] {
-    fingerprint(spec)
 }
 
 /// Watches `path` until cancelled. Without a chain file (the default chain)
