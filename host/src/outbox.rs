@@ -473,8 +473,8 @@ mod tests {
         Bytes::from_static(s.as_bytes())
     }
 
-    /// Flushes into memory and returns the text frames written.
-    fn written(o: &Outbox) -> Vec<String> {
+    /// Flushes everything into memory; the bytes written.
+    fn raw(o: &Outbox) -> Vec<u8> {
         let mut wire = Vec::new();
         assert_eq!(
             o.flush_with(|slices| {
@@ -487,7 +487,12 @@ mod tests {
             }),
             Flushed::Done
         );
-        frames(&wire)
+        wire
+    }
+
+    /// Flushes into memory and returns the text frames written.
+    fn written(o: &Outbox) -> Vec<String> {
+        frames(&raw(o))
     }
 
     fn frames(mut wire: &[u8]) -> Vec<String> {
@@ -582,15 +587,7 @@ mod tests {
         o.replace_with_close(OutFrame::close(1001, "bye"));
         assert_eq!(o.push_kept(0, 2, 1, &b("late")), Pushed::Closed);
         assert!(!o.push_control(b("late")));
-        let mut wire = Vec::new();
-        o.flush_with(|slices| {
-            let mut n = 0;
-            for s in slices {
-                wire.extend_from_slice(s);
-                n += s.len();
-            }
-            Ok(n)
-        });
+        let wire = raw(&o);
         assert_eq!(wire[0], 0x88, "only the close frame");
         assert_eq!(wire.len(), 2 + 2 + 3);
     }
@@ -627,18 +624,7 @@ mod tests {
             Flushed::Blocked
         );
         assert_eq!(o.push_kept(0, 1, 3, &b("fourth")), Pushed::Conflated);
-        let rest = {
-            let mut rest = Vec::new();
-            o.flush_with(|slices| {
-                let mut n = 0;
-                for s in slices {
-                    rest.extend_from_slice(s);
-                    n += s.len();
-                }
-                Ok(n)
-            });
-            rest
-        };
+        let rest = raw(&o);
         wire.extend_from_slice(&rest);
         assert_eq!(frames(&wire), ["first", "second", "fourth"]);
         assert!(o.blocked_since().is_none());
