@@ -179,21 +179,26 @@ impl Broadcaster {
             &mut observed,
         );
 
-        let tally = if self.chain.has_delivery() {
-            self.route_per_audience(&records, &bodies, &observed)
+        if self.chain.has_delivery() {
+            self.route_per_audience(&records, &bodies, &observed);
         } else {
-            self.route(&records, &bodies, &observed)
-        };
-        let m = &self.metrics;
-        m.records_stale.inc_by(tally.stale);
-        m.records_unrouted.inc_by(tally.unrouted);
-        m.records_routed.inc_by(tally.routed);
-        m.deliveries.inc_by(tally.deliveries);
-        m.conflated.inc_by(tally.conflated);
+            self.route(&records, &bodies, &observed);
+        }
 
         self.records = records;
         self.bodies = bodies;
         self.observed = observed;
+    }
+
+    /// Adds a batch's counts to the metrics. Called before the outboxes are
+    /// woken, so a record a client has seen is always counted by then.
+    fn count(&self, t: &Tally) {
+        let m = &self.metrics;
+        m.records_stale.inc_by(t.stale);
+        m.records_unrouted.inc_by(t.unrouted);
+        m.records_routed.inc_by(t.routed);
+        m.deliveries.inc_by(t.deliveries);
+        m.conflated.inc_by(t.conflated);
     }
 
     fn skip(&mut self, id: &str, why: Malformed) {
@@ -205,7 +210,7 @@ impl Broadcaster {
 
     /// Without a delivery stage: one message per (record, topic), the same
     /// bytes for every subscriber.
-    fn route(&self, records: &[Record], bodies: &[Bytes], observed: &[Observed]) -> Tally {
+    fn route(&self, records: &[Record], bodies: &[Bytes], observed: &[Observed]) {
         let mut t = Tally::default();
         let devices = self.devices.current();
         let registry = self.registry.view();
@@ -225,8 +230,8 @@ impl Broadcaster {
                 }
             },
         );
+        self.count(&t);
         wake(&dirty);
-        t
     }
 
     /// With a delivery stage: the chain decides per (record, audience), in
@@ -235,12 +240,7 @@ impl Broadcaster {
     /// audience. The registry is not locked while plugins run (subscribes
     /// would wait on them): the pairs are collected, decided, then pushed to
     /// whoever subscribes to each audience by then.
-    fn route_per_audience(
-        &mut self,
-        records: &[Record],
-        bodies: &[Bytes],
-        observed: &[Observed],
-    ) -> Tally {
+    fn route_per_audience(&mut self, records: &[Record], bodies: &[Bytes], observed: &[Observed]) {
         let mut t = Tally::default();
         let devices = self.devices.current();
         let mut pairs: Vec<Pair> = Vec::new();
@@ -271,7 +271,8 @@ impl Broadcaster {
             );
         }
         if pairs.is_empty() {
-            return t;
+            self.count(&t);
+            return;
         }
         let refs: Vec<AudienceRef<'_>> = audiences
             .iter()
@@ -332,8 +333,8 @@ impl Broadcaster {
                 );
             }
         }
+        self.count(&t);
         wake(&dirty);
-        t
     }
 
     /// Passes a snapshot through the chain: the record stage over database
