@@ -31,8 +31,12 @@ pub mod load;
 pub mod proxy;
 pub use proxy::Proxy;
 
-/// How long a test waits for something that should happen "at once".
-pub const SOON: Duration = Duration::from_secs(1);
+/// How long a test waits for something that should happen "at once". Only
+/// a failing test waits this long, so it is generous: CI runs the tests in
+/// parallel on two cores.
+pub const SOON: Duration = Duration::from_secs(5);
+/// How long a test listens for something that must not arrive.
+pub const QUIET: Duration = Duration::from_millis(300);
 /// How long a test waits for something that should happen eventually.
 pub const EVENTUALLY: Duration = Duration::from_secs(10);
 
@@ -621,6 +625,32 @@ impl Client {
         out
     }
 
+    /// Positions received until `done` holds for those received so far (or
+    /// `wait` passes), then any that follow within [`QUIET`]. A test waits
+    /// as long as a loaded machine needs for what must arrive, and still
+    /// sees what must not (a duplicate, a stale record) if the host sends it
+    /// right behind.
+    pub async fn positions_until(
+        &mut self,
+        wait: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while !done(&out) {
+            match self
+                .next_within(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await
+            {
+                Some(v) if v["type"] == "position" => out.push(v),
+                Some(_) => {}
+                None => return out,
+            }
+        }
+        out.extend(self.positions_within(QUIET).await);
+        out
+    }
+
     /// Reads until the connection ends; the close code the host sent.
     pub async fn ended(&mut self, wait: Duration) -> Ended {
         let deadline = tokio::time::Instant::now() + wait;
@@ -640,6 +670,12 @@ impl Client {
 }
 
 /// A cookie carrying a Directus session token.
+/// Whether `got` holds a position of `device` at `ts`.
+pub fn has(got: &[Value], device: &str, ts: i64) -> bool {
+    got.iter()
+        .any(|p| p["deviceId"] == device && p["ts"].as_i64() == Some(ts))
+}
+
 pub fn cookie(token: &str) -> String {
     format!("directus_session_token={token}; theme=dark")
 }

@@ -50,7 +50,10 @@ async fn the_default_chain_is_the_passthrough_plugin_and_passes_everything() {
     env.publish(&payload(A, ts, 1.0, 1.0)).await;
     env.publish(&payload(B, ts, 1.0, 1.0)).await;
     assert_eq!(
-        devices_of(&c.positions_within(Duration::from_millis(600)).await),
+        devices_of(
+            &c.positions_until(SOON, |got| has(got, A, ts) && has(got, B, ts))
+                .await
+        ),
         [A, B]
     );
     let f = &host.metrics.filter;
@@ -83,13 +86,14 @@ async fn a_drop_plugin_removes_exactly_its_device_from_every_subscriber_and_the_
         "the snapshot is filtered too"
     );
 
+    let t0 = now_ms();
     for i in 0..5 {
-        env.publish(&payload(A, now_ms() + i, 1.0, 1.0)).await;
-        env.publish(&payload(B, now_ms() + i, 1.0, 1.0)).await;
+        env.publish(&payload(A, t0 + i, 1.0, 1.0)).await;
+        env.publish(&payload(B, t0 + i, 1.0, 1.0)).await;
     }
     for c in [&mut c1, &mut c2] {
         assert_eq!(
-            devices_of(&c.positions_within(Duration::from_millis(600)).await),
+            devices_of(&c.positions_until(SOON, |got| has(got, A, t0 + 4)).await),
             [A]
         );
     }
@@ -199,7 +203,12 @@ async fn misbehaving(plugin_name: &str, policy: &str, kind: &str, extra: &str) {
         env.publish(&payload(A, t0 + i, 1.0, 1.0)).await;
         env.publish(&payload(B, t0 + i, 1.0, 1.0)).await;
     }
-    let got = c.positions_within(Duration::from_secs(2)).await;
+    let got = c
+        .positions_until(SOON, |got| {
+            has(got, A, t0 + 5)
+                && (policy == "fail-closed" || got.iter().any(|p| p["deviceId"] == B))
+        })
+        .await;
     let a: Vec<i64> = got
         .iter()
         .filter(|p| p["deviceId"] == A)
@@ -299,11 +308,13 @@ async fn a_hot_reload_under_traffic_loses_no_connection_and_no_record() {
     let host = env.start_host_with_chain(&entry("passthrough", "")).await;
     let (mut c, _) = subscribed(&host, "u", event).await;
 
+    let t0 = now_ms();
     let reader = tokio::spawn(async move {
-        let got = c.positions_within(Duration::from_secs(4)).await;
+        let got = c
+            .positions_until(EVENTUALLY, |got| has(got, A, t0 + 199))
+            .await;
         (got, c)
     });
-    let t0 = now_ms();
     let mut reloaded_at = None;
     for i in 0..200i64 {
         env.publish(&payload(A, t0 + i, 1.0, 1.0)).await;
@@ -387,9 +398,11 @@ async fn a_plugin_written_by_hand_from_the_abi_page_works() {
             ))
             .await;
         let (mut c, _) = subscribed(&host, "u", event).await;
-        env.publish(&payload(A, now_ms(), 1.0, 1.0)).await;
-        env.publish(&payload(B, now_ms(), 1.0, 1.0)).await;
-        let got = devices_of(&c.positions_within(Duration::from_millis(600)).await);
+        let ts = now_ms();
+        env.publish(&payload(A, ts, 1.0, 1.0)).await;
+        env.publish(&payload(B, ts, 1.0, 1.0)).await;
+        // B last: once A is here, B would be right behind.
+        let got = devices_of(&c.positions_until(SOON, |got| has(got, A, ts)).await);
         let expected: Vec<String> = match wat.contains("drops device") {
             true => vec![A.to_owned()],
             false => vec![A.to_owned(), B.to_owned()],

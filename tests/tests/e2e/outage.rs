@@ -2,8 +2,6 @@
 //! itself. Each outage is a TCP proxy in front of the real service, cut and
 //! restored, so other tests keep their services.
 
-use std::time::Duration;
-
 use livecast_tests::proxy::via;
 use livecast_tests::*;
 use serde_json::Value;
@@ -43,7 +41,7 @@ async fn redis_going_away_and_coming_back() {
     );
     env.publish(&payload(A, t + 2, 3.0, 3.0)).await;
     let got: Vec<Value> = c
-        .positions_within(Duration::from_secs(2))
+        .positions_until(SOON, |got| has(got, A, t + 2))
         .await
         .into_iter()
         .map(|p| p["ts"].clone())

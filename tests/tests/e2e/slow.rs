@@ -1,6 +1,8 @@
 //! Slow clients: always fresh, not always delivered (live-ws.md §6).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -193,16 +195,24 @@ async fn pings_flow_and_a_silent_peer_is_dropped() {
     config.live_ws_ping_interval_ms = 150;
     let host = env.start_host_with(config).await;
 
-    // A client that reads answers pings (tungstenite does it) and stays.
+    // A client that reads answers pings (tungstenite does it) and stays. It
+    // keeps reading for the whole test, counting pings.
     let mut live = host.connect(&cookie("u")).await;
-    let mut pings = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
-    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, live.ws.next()).await {
-        if matches!(msg, Message::Ping(_)) {
-            pings += 1;
+    let pings = Arc::new(AtomicUsize::new(0));
+    let reader = tokio::spawn({
+        let pings = pings.clone();
+        async move {
+            while let Some(Ok(msg)) = live.ws.next().await {
+                if matches!(msg, Message::Ping(_)) {
+                    pings.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
-    }
-    assert!(pings >= 3, "pings every interval, saw {pings}");
+    });
+    assert!(
+        eventually(|| async { pings.load(Ordering::Relaxed) >= 3 }).await,
+        "pings every interval"
+    );
 
     // A client that never reads never answers: dropped after two intervals.
     let _silent = host.connect(&cookie("u")).await;
@@ -210,9 +220,11 @@ async fn pings_flow_and_a_silent_peer_is_dropped() {
         eventually(|| async { Metrics::count(&host.metrics.closes, "reason", "silent") == 1 })
             .await
     );
-    assert_eq!(
-        host.metrics.connections.get(),
-        1,
-        "the live client is still connected"
-    );
+    // Long past two intervals of the live client's own: still there.
+    let seen = pings.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!reader.is_finished(), "the live client is still connected");
+    assert!(pings.load(Ordering::Relaxed) > seen, "and still pinged");
+    assert_eq!(Metrics::count(&host.metrics.closes, "reason", "silent"), 1);
+    assert_eq!(host.metrics.connections.get(), 1);
 }

@@ -45,7 +45,7 @@ async fn every_subscriber_gets_the_record_and_no_directus_call_is_made_per_recor
     for c in &mut clients {
         // Conflation may merge positions of a client that is momentarily
         // behind, but the newest always arrives.
-        let got = c.positions_within(Duration::from_millis(800)).await;
+        let got = c.positions_until(SOON, |got| has(got, A, ts + 49)).await;
         assert_eq!(
             got.last().map(|p| p["ts"].clone()),
             Some(Value::from(ts + 49))
@@ -68,7 +68,7 @@ async fn a_device_in_two_events_reaches_both_topics_and_an_orphan_reaches_none()
 
     env.publish(&payload(ORPHAN, now_ms(), 1.0, 1.0)).await;
     env.publish(&payload(A, now_ms(), 1.0, 1.0)).await;
-    let got = c.positions_within(Duration::from_millis(600)).await;
+    let got = c.positions_until(SOON, |got| got.len() >= 2).await;
     let mut topics: Vec<_> = got
         .iter()
         .map(|p| p["topic"].as_str().unwrap_or_default().to_owned())
@@ -100,7 +100,7 @@ async fn an_older_record_is_not_delivered_as_live() {
     env.publish(&payload(A, t - 30_000, 2.0, 2.0)).await;
     env.publish(&payload(A, t, 2.0, 2.0)).await;
     env.publish(&payload(A, t + 1_000, 3.0, 3.0)).await;
-    let got = c.positions_within(Duration::from_millis(600)).await;
+    let got = c.positions_until(SOON, |got| has(got, A, t + 1_000)).await;
     let ts: Vec<_> = got.iter().map(|p| p["ts"].clone()).collect();
     assert_eq!(ts, [Value::from(t + 1_000)]);
     assert_eq!(host.metrics.records_stale.get(), 2);
@@ -141,7 +141,7 @@ async fn a_record_arriving_during_the_snapshot_is_delivered_exactly_once() {
     let t2 = t1 + 1_000;
     env.publish(&payload(A, t2, 3.0, 3.0)).await;
     let live: Vec<_> = c
-        .positions_within(Duration::from_millis(600))
+        .positions_until(SOON, |got| has(got, A, t2))
         .await
         .into_iter()
         .map(|p| p["ts"].clone())
@@ -301,7 +301,7 @@ async fn the_processor_group_and_the_stream_are_left_alone() {
         env.publish(&payload(A, now_ms() + i, 1.0, 1.0)).await;
     }
     assert_eq!(
-        c.positions_within(Duration::from_millis(800))
+        c.positions_until(SOON, |got| got.iter().any(|p| p["deviceId"] == A))
             .await
             .last()
             .map(|p| p["deviceId"].clone()),
@@ -356,7 +356,7 @@ async fn a_snapshot_row_newer_than_the_stream_is_not_undercut_by_a_late_record()
     env.publish(&payload(A, t - 5_000, 2.0, 2.0)).await;
     env.publish(&payload(A, t + 1_000, 3.0, 3.0)).await;
     let live: Vec<Value> = c
-        .positions_within(Duration::from_millis(600))
+        .positions_until(SOON, |got| has(got, A, t + 1_000))
         .await
         .into_iter()
         .map(|p| p["ts"].clone())
