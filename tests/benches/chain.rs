@@ -111,12 +111,12 @@ fn delivery_stage(mut chain: Chain, audiences: usize, rounds: usize) -> f64 {
     timed.as_nanos() as f64 / (pairs.len() * rounds) as f64
 }
 
-/// Re-filters one batch in a loop, for a profiler: `--profile <plugin>`.
-fn profile(name: &str) {
+/// Re-filters one batch in a loop, for a profiler: `--profile <plugin>
+/// [rounds]` (200,000 by default; fewer for valgrind).
+fn profile(name: &str, rounds: usize) {
     let mut c = chain(Some((name, "{}")));
     let mut one = batch(0);
     let t = Instant::now();
-    let rounds = 200_000;
     for _ in 0..rounds {
         c.filter(&mut one);
     }
@@ -130,7 +130,11 @@ fn main() {
     // `cargo bench` passes --bench; a `--quick` run is for CI smoke checks.
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--profile") {
-        return profile(args.get(i + 1).map_or("passthrough", String::as_str));
+        let rounds = args.get(i + 2).and_then(|r| r.parse().ok());
+        return profile(
+            args.get(i + 1).map_or("passthrough", String::as_str),
+            rounds.unwrap_or(200_000),
+        );
     }
     let quick = args.iter().any(|a| a == "--quick");
     let rounds = if quick { 20 } else { 2_000 };
