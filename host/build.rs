@@ -31,10 +31,10 @@ fn main() {
         "cargo:rerun-if-changed={}",
         root.join("plugin-sdk").display()
     );
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("Cargo.lock").display()
-    );
+    // The lock file for versions, the manifest for the `plugin` profile.
+    for file in ["Cargo.lock", "Cargo.toml"] {
+        println!("cargo:rerun-if-changed={}", root.join(file).display());
+    }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
 
     let plugins = plugin_crates(&root.join("plugins"));
