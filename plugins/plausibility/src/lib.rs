@@ -384,6 +384,37 @@ mod tests {
     }
 
     #[test]
+    fn every_device_finds_its_own_anchor() {
+        // Ids of several lengths, sharing long prefixes: the lookup order
+        // compares 8-byte words, so prefixes past 8 bytes must still tell
+        // devices apart.
+        let ids: Vec<String> = (0..300)
+            .map(|i| match i % 3 {
+                0 => format!("3563070424{i:05}"),
+                1 => format!("d{i}"),
+                _ => format!("3563070424{i:05}-spare"),
+            })
+            .collect();
+        // Devices 2 km apart: 50 m in 10 s is plausible only from a
+        // device's own anchor (from another one it is 700+ km/h).
+        let home = |i: usize| i as f64 * 2_000.0;
+        let mut h = harness("{}");
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(h.filter(&rec(id, 0.0, home(i))), Outcome::Passed, "{id}");
+        }
+        assert_eq!(h.plugin().tracked_devices(), ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            let near = rec(id, 10.0, home(i) + 50.0);
+            assert_eq!(h.filter(&near), Outcome::Passed, "{id}: its own anchor");
+        }
+        // And each is found, not taken for a new device: a jump is judged.
+        for (i, id) in ids.iter().enumerate() {
+            let jump = rec(id, 20.0, home(i) + 90_000.0);
+            assert_eq!(h.filter(&jump), Outcome::Dropped, "{id}: found again");
+        }
+    }
+
+    #[test]
     fn devices_are_independent_and_bounded() {
         let mut h = harness(r#"{"max_devices": 2}"#);
         assert_eq!(h.filter(&rec("a", 0.0, 0.0)), Outcome::Passed);
