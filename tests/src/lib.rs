@@ -651,6 +651,16 @@ impl Client {
         out
     }
 
+    /// The `ts` of every position received until `device`'s position at
+    /// `ts` arrives (see [`Client::positions_until`]).
+    pub async fn ts_until(&mut self, device: &str, ts: i64) -> Vec<Value> {
+        self.positions_until(SOON, |got| has(got, device, ts))
+            .await
+            .into_iter()
+            .map(|p| p["ts"].clone())
+            .collect()
+    }
+
     /// Reads until the connection ends; the close code the host sent.
     pub async fn ended(&mut self, wait: Duration) -> Ended {
         let deadline = tokio::time::Instant::now() + wait;

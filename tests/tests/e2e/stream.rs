@@ -100,9 +100,7 @@ async fn an_older_record_is_not_delivered_as_live() {
     env.publish(&payload(A, t - 30_000, 2.0, 2.0)).await;
     env.publish(&payload(A, t, 2.0, 2.0)).await;
     env.publish(&payload(A, t + 1_000, 3.0, 3.0)).await;
-    let got = c.positions_until(SOON, |got| has(got, A, t + 1_000)).await;
-    let ts: Vec<_> = got.iter().map(|p| p["ts"].clone()).collect();
-    assert_eq!(ts, [Value::from(t + 1_000)]);
+    assert_eq!(c.ts_until(A, t + 1_000).await, [Value::from(t + 1_000)]);
     assert_eq!(host.metrics.records_stale.get(), 2);
 }
 
@@ -140,12 +138,7 @@ async fn a_record_arriving_during_the_snapshot_is_delivered_exactly_once() {
     );
     let t2 = t1 + 1_000;
     env.publish(&payload(A, t2, 3.0, 3.0)).await;
-    let live: Vec<_> = c
-        .positions_until(SOON, |got| has(got, A, t2))
-        .await
-        .into_iter()
-        .map(|p| p["ts"].clone())
-        .collect();
+    let live: Vec<_> = c.ts_until(A, t2).await;
     assert_eq!(
         live,
         [Value::from(t2)],
@@ -355,12 +348,7 @@ async fn a_snapshot_row_newer_than_the_stream_is_not_undercut_by_a_late_record()
 
     env.publish(&payload(A, t - 5_000, 2.0, 2.0)).await;
     env.publish(&payload(A, t + 1_000, 3.0, 3.0)).await;
-    let live: Vec<Value> = c
-        .positions_until(SOON, |got| has(got, A, t + 1_000))
-        .await
-        .into_iter()
-        .map(|p| p["ts"].clone())
-        .collect();
+    let live: Vec<Value> = c.ts_until(A, t + 1_000).await;
     assert_eq!(
         live,
         [Value::from(t + 1_000)],
