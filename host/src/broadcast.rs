@@ -31,7 +31,7 @@ use crate::outbox::{Floor, Outbox, Pushed};
 use crate::protocol;
 use crate::ratelimit::LogLimiter;
 use crate::record::{Malformed, Position};
-use crate::registry::{Identity, Registry, Topic, View};
+use crate::registry::{Audience, Identity, Registry, Topic, View};
 
 /// One stream entry as read: its id and its `payload` field, if any.
 #[derive(Debug)]
@@ -115,7 +115,6 @@ impl Tally {
 struct Pair {
     record: usize,
     device: DeviceIdx,
-    event: uuid::Uuid,
     /// Index into the batch's audiences.
     audience: u32,
 }
@@ -244,7 +243,8 @@ impl Broadcaster {
         let mut t = Tally::default();
         let devices = self.devices.current();
         let mut pairs: Vec<Pair> = Vec::new();
-        let mut audiences: Vec<(String, Arc<Identity>)> = Vec::new();
+        // The batch's distinct audiences: (event, topic name, identity).
+        let mut audiences: Vec<(uuid::Uuid, String, Arc<Identity>)> = Vec::new();
         {
             let registry = self.registry.view();
             let mut audience_index: FxHashMap<(u32, usize), u32> = FxHashMap::default();
@@ -257,13 +257,16 @@ impl Broadcaster {
                 |_, i, device, topic| {
                     for (a, group) in topic.audiences.iter().enumerate() {
                         let audience = *audience_index.entry((topic.idx, a)).or_insert_with(|| {
-                            audiences.push((topic.name.clone(), group.identity.clone()));
+                            audiences.push((
+                                topic.event,
+                                topic.name.clone(),
+                                group.identity.clone(),
+                            ));
                             (audiences.len() - 1) as u32
                         });
                         pairs.push(Pair {
                             record: i,
                             device,
-                            event: topic.event,
                             audience,
                         });
                     }
@@ -276,7 +279,7 @@ impl Broadcaster {
         }
         let refs: Vec<AudienceRef<'_>> = audiences
             .iter()
-            .map(|(topic, id)| AudienceRef {
+            .map(|(_, topic, id)| AudienceRef {
                 topic,
                 role: &id.role,
                 user_id: &id.user_id,
@@ -290,14 +293,23 @@ impl Broadcaster {
         let decided = self.chain.deliver(&payloads, &refs, &abi_pairs);
 
         let registry = self.registry.view();
+        // Each audience found again once (it may have gone meanwhile), not
+        // once per pair.
+        let groups: Vec<Option<(&Topic, &Audience)>> = audiences
+            .iter()
+            .map(|(event, _, identity)| {
+                let topic = registry.topic(event)?;
+                let group = topic.audiences.iter().find(|a| a.identity == *identity)?;
+                Some((topic, group))
+            })
+            .collect();
         let mut shared: Option<(usize, u32, Bytes)> = None;
         let mut dirty: Vec<&Arc<Outbox>> = Vec::new();
         for (p, d) in pairs.iter().zip(decided) {
-            let Some(topic) = registry.topic(&p.event) else {
+            if matches!(d, Decided::Drop) {
                 continue;
-            };
-            let identity = &audiences[p.audience as usize].1;
-            let Some(group) = topic.audiences.iter().find(|a| a.identity == *identity) else {
+            }
+            let Some((topic, group)) = groups[p.audience as usize] else {
                 continue;
             };
             // Every position of an audience keeps a floor here: a plugin may
