@@ -23,8 +23,7 @@ pub enum Credential {
 /// a view into the HTTP connection's 8 KiB read buffer; keeping the view for
 /// the connection's lifetime would keep that whole buffer.
 fn detached(v: &HeaderValue) -> HeaderValue {
-    let mut copy = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(v.as_bytes()))
-        .unwrap_or_else(|_| v.clone());
+    let mut copy = HeaderValue::from_bytes(v.as_bytes()).unwrap_or_else(|_| v.clone());
     copy.set_sensitive(true);
     copy
 }

@@ -81,8 +81,8 @@ struct Inner {
 struct Pending {
     ts: i64,
     msg: Bytes,
-    /// Remember its `ts` once sent (see [`Floor`]).
-    floor: bool,
+    /// Whether to remember its `ts` once sent.
+    floor: Floor,
 }
 
 /// Whether a position must leave a floor behind once the client has it.
@@ -119,7 +119,7 @@ impl Inner {
         self.wire.extend(self.control.drain(..));
         while let Some(k) = self.ready.pop_front() {
             if let Some(p) = self.pending.remove(&k) {
-                if p.floor {
+                if p.floor == Floor::Keep {
                     self.floors.insert(k, p.ts);
                 } else if let Some(f) = self.floors.get_mut(&k) {
                     *f = p.ts;
@@ -218,7 +218,7 @@ impl Outbox {
         let pending = || Pending {
             ts,
             msg: msg.clone(),
-            floor: floor == Floor::Keep,
+            floor,
         };
         match inner.pending.get_mut(&k) {
             Some(p) if ts <= p.ts => return Pushed::Stale,
@@ -241,7 +241,7 @@ impl Outbox {
     /// write it. Returns false when the control backlog is over its limit
     /// (the connection will be closed with 1008).
     pub fn push_control(&self, msg: Bytes) -> bool {
-        self.push_frame(OutFrame::text(msg).as_control())
+        self.push_frame(OutFrame::text(msg))
     }
 
     /// Queues a WebSocket control frame (ping, pong, close).
@@ -298,7 +298,10 @@ impl Outbox {
                     *f = (*f).max(ts);
                     *f
                 }
-                None if floor == Floor::Keep => *inner.floors.entry(k).or_insert(ts),
+                None if floor == Floor::Keep => {
+                    inner.floors.insert(k, ts);
+                    ts
+                }
                 None => ts,
             };
             if inner.pending.get(&k).is_some_and(|p| p.ts <= covered) {

@@ -91,8 +91,7 @@ pub async fn build(event: Uuid, topic: &str, identity: &Arc<Identity>, s: Source
             None
         }
     };
-    let from_database = rows.is_some();
-    if !from_database {
+    if rows.is_none() {
         s.metrics.snapshot_failures.inc();
     }
 

@@ -93,10 +93,6 @@ impl OutFrame {
         Self::new(CLOSE, Bytes::from(payload))
     }
 
-    pub fn payload_len(&self) -> usize {
-        self.payload.len()
-    }
-
     /// Marks the frame as a control message (a reply, ping, pong, close):
     /// its bytes count against the backlog limit until they are written.
     pub fn as_control(mut self) -> Self {
@@ -272,7 +268,7 @@ impl Decoder {
 
     fn handle(&mut self, f: Frame, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
         match f.opcode {
-            PING => out.push(Incoming::Ping(Bytes::copy_from_slice(&f.payload))),
+            PING => out.push(Incoming::Ping(Bytes::from(f.payload))),
             PONG => out.push(Incoming::Pong),
             CLOSE if f.payload.len() == 1 => {
                 return Err(ReadError::Protocol("a close frame with half a status code"));
