@@ -14,7 +14,7 @@
 //!
 //! The thread owns the filter chain, so it also runs the chain over
 //! snapshots (so a subscriber sees at subscribe time what the same rules let
-//! through live) and swaps in a reloaded chain between two batches.
+//! through live) and swaps in a reloaded chain between two pieces of work.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::devices::{DeviceEvents, DeviceMap};
 use crate::filter::{AudienceRef, Chain, Decided, Record};
-use crate::latest::{DeviceIdx, Latest, LatestPositions, Observed};
+use crate::ids::DeviceIdx;
+use crate::latest::{Latest, LatestPositions, Observed};
 use crate::metrics::Metrics;
 use crate::outbox::{Floor, Outbox, Pushed};
 use crate::protocol;
@@ -44,8 +45,6 @@ pub struct StreamEntry {
 pub enum Work {
     /// A batch read from the stream.
     Batch(Vec<StreamEntry>),
-    /// A reloaded chain, to use from the next batch on.
-    Swap(Box<Chain>),
     /// Run the chain over a snapshot.
     Snapshot(SnapshotJob),
     /// The host is stopping.
@@ -140,12 +139,15 @@ impl Broadcaster {
         }
     }
 
-    /// Runs until told to stop (or every sender is gone).
-    pub fn run(mut self, mut work: mpsc::Receiver<Work>) {
+    /// Runs until told to stop (or every sender is gone). A reloaded chain
+    /// (from `filter::reload`) is swapped in before the next piece of work.
+    pub fn run(mut self, mut work: mpsc::Receiver<Work>, mut chains: mpsc::Receiver<Box<Chain>>) {
         while let Some(w) = work.blocking_recv() {
+            while let Ok(chain) = chains.try_recv() {
+                self.chain = *chain;
+            }
             match w {
                 Work::Batch(batch) => self.process(batch),
-                Work::Swap(chain) => self.chain = *chain,
                 Work::Snapshot(job) => self.snapshot(job),
                 Work::Stop => return,
             }

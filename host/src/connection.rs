@@ -20,12 +20,13 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::directus::{Authz, Credential, User};
+use crate::ids::ConnId;
 use crate::metrics::inc;
 use crate::outbox::{Flushed, Outbox};
 use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
-use crate::registry::{ConnId, Identity};
-use crate::server::Shared;
+use crate::registry::Identity;
 use crate::snapshot;
+use crate::state::Shared;
 use crate::ws::{Incoming, OutFrame, ReadError, WebSocket};
 
 /// Client requests waiting behind the one in flight; past this the socket is
@@ -231,9 +232,16 @@ impl Conn {
                     match read {
                         Ok(()) => {}
                         Err(ReadError::TooLarge) => return End::TooLarge,
-                        Err(ReadError::Protocol(_)) => return End::Protocol,
+                        Err(ReadError::Protocol(why)) => {
+                            tracing::debug!(conn = self.id, why, "WebSocket protocol violation");
+                            return End::Protocol;
+                        }
                         Err(ReadError::InvalidUtf8) => return End::InvalidUtf8,
-                        Err(ReadError::Io(_) | ReadError::Eof) => return End::Client,
+                        Err(ReadError::Io(e)) => {
+                            tracing::debug!(conn = self.id, error = %e, "socket read failed");
+                            return End::Client;
+                        }
+                        Err(ReadError::Eof) => return End::Client,
                     }
                     for msg in incoming.drain(..) {
                         match msg {

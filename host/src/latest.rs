@@ -11,8 +11,7 @@ use std::sync::RwLock;
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
-/// A device's index, stable for the life of the process.
-pub type DeviceIdx = u32;
+use crate::ids::DeviceIdx;
 
 /// A device's latest position: fix time, wire body, and the payload the
 /// filter chain passed (the delivery stage of a snapshot needs it).

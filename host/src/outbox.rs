@@ -31,8 +31,7 @@ use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::latest::DeviceIdx;
-use crate::registry::TopicIdx;
+use crate::ids::{DeviceIdx, TopicIdx};
 use crate::ws::{self, OutFrame};
 
 fn key(topic: TopicIdx, device: DeviceIdx) -> u64 {
@@ -263,7 +262,7 @@ impl Outbox {
         if inner.control_bytes > self.control_limit {
             inner.overflow = true;
         }
-        let frame = frame.as_control();
+        let frame = frame.into_control();
         inner.control_bytes += frame.control_len();
         inner.control.push_back(frame);
         !inner.overflow
@@ -414,6 +413,7 @@ impl Outbox {
     }
 
     /// Positions waiting to be sent (at most one per topic and device).
+    #[cfg(feature = "test-util")]
     pub fn pending_positions(&self) -> usize {
         self.lock().pending.len()
     }

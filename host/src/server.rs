@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,7 +16,6 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::TokioIo;
-use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -30,35 +29,16 @@ use crate::broadcast::Work;
 use crate::config::Config;
 use crate::connection;
 use crate::consumer::{Consumer, StreamConfig};
-use crate::devices::{self, DeviceMap};
+use crate::devices;
 use crate::directus::Directus;
 use crate::filter::{Chain, ChainSpec, reload};
-use crate::latest::LatestPositions;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::registry::Registry;
+use crate::state::Shared;
 use crate::ws::WebSocket;
 
 /// Largest client frame accepted (close 1009 past it).
 pub const MAX_CLIENT_FRAME: usize = 16 * 1024;
-
-/// State shared by the listeners, the connections and the background tasks.
-pub struct Shared {
-    pub config: Config,
-    pub directus: Directus,
-    pub db: PgPool,
-    pub registry: Arc<Registry>,
-    pub latest: Arc<LatestPositions>,
-    pub devices: Arc<DeviceMap>,
-    pub metrics: Arc<Metrics>,
-    /// Cancelled when the host starts shutting down.
-    pub shutdown: CancellationToken,
-    pub redis_ready: Arc<AtomicBool>,
-    /// The record path's queue: batches, snapshots to filter, chain swaps.
-    pub work: mpsc::Sender<Work>,
-    connections: TaskTracker,
-    next_conn: AtomicU64,
-}
 
 /// A bound, not yet running host.
 pub struct Host {
@@ -154,11 +134,13 @@ impl Host {
             .expect("bound listener has an address")
     }
 
+    #[cfg(feature = "test-util")]
     pub fn metrics(&self) -> Arc<Metrics> {
         self.shared.metrics.clone()
     }
 
     /// A read-only view of the running host's state, for tests and tools.
+    #[cfg(feature = "test-util")]
     pub fn inspector(&self) -> Inspector {
         Inspector(self.shared.clone())
     }
@@ -195,9 +177,11 @@ impl Host {
             shared.registry.clone(),
             shared.metrics.clone(),
         );
+        // Reloaded chains: one at a time is plenty (a reload takes seconds).
+        let (chains_tx, chains) = mpsc::channel(1);
         let record_path = std::thread::Builder::new()
             .name("livecast-records".into())
-            .spawn(move || broadcaster.run(work))
+            .spawn(move || broadcaster.run(work, chains))
             .context("cannot start the record path thread")?;
         let consumer = tokio::spawn(
             Consumer {
@@ -213,7 +197,7 @@ impl Host {
             chain_fingerprint,
             config.filter_reload_poll(),
             shared.metrics.filter.clone(),
-            shared.work.clone(),
+            chains_tx,
             background.clone(),
         ));
         tokio::spawn(Consumer::lag_loop(
@@ -270,9 +254,11 @@ impl Host {
 }
 
 /// Looks inside a running host.
+#[cfg(feature = "test-util")]
 #[derive(Clone)]
 pub struct Inspector(Arc<Shared>);
 
+#[cfg(feature = "test-util")]
 impl Inspector {
     /// The largest number of positions any connection has queued.
     pub fn max_pending_positions(&self) -> usize {

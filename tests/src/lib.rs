@@ -11,9 +11,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use livecast::dev::directus_standin::{DirectusStandIn, StandInUser};
-use livecast::metrics::Metrics;
-use livecast::server::Inspector;
+use livecast::test_util::Inspector;
+use livecast::test_util::Metrics;
+use livecast::test_util::directus_standin::{DirectusStandIn, StandInUser};
 use livecast::{Config, Host};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -223,7 +223,9 @@ impl TestEnv {
             .connect(&postgres_url)
             .await
             .expect("connect to the test schema");
-        livecast::dev::schema::migrate(&db).await.expect("migrate");
+        livecast::test_util::schema::migrate(&db)
+            .await
+            .expect("migrate");
         let org = Uuid::new_v4();
         sqlx::query("INSERT INTO organizations (id, name, slug) VALUES ($1, 'Test org', $2)")
             .bind(org)
@@ -407,7 +409,7 @@ impl TestEnv {
 pub fn plugin(name: &str) -> String {
     format!(
         "{}/plugin_{}.wasm",
-        livecast::filter::config::PLUGIN_DIR,
+        livecast::test_util::PLUGIN_DIR,
         name.replace('-', "_")
     )
 }

@@ -102,7 +102,11 @@ impl DirectusStandIn {
             .unwrap_or_else(|e| e.into_inner())
             .insert(token.to_owned(), user);
     }
+}
 
+/// What tests do to the stand-in besides adding users.
+#[cfg(feature = "test-util")]
+impl DirectusStandIn {
     /// Ends a session: the token is no longer accepted (as after an expiry
     /// or a logout).
     pub fn end_session(&self, token: &str) {

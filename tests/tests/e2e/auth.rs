@@ -1,6 +1,6 @@
 //! Who may open a socket (live-ws.md §2).
 
-use livecast::metrics::Metrics;
+use livecast::test_util::Metrics;
 use livecast_tests::*;
 
 const A: &str = "356307042441013";

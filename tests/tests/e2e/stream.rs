@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use livecast::metrics::Metrics;
+use livecast::test_util::Metrics;
 use livecast_tests::*;
 use redis::Value as RedisValue;
 use serde_json::Value;
