@@ -211,7 +211,7 @@ impl Metrics {
     }
 
     /// Counter `name{label=value}` from a family, for tests and the bench.
-    #[cfg(feature = "test-util")]
+    #[cfg(any(test, feature = "test-util"))]
     pub fn count(family: &CounterFamily, key: &'static str, value: &'static str) -> u64 {
         family.get(&[(key, value)]).map(|c| c.get()).unwrap_or(0)
     }
