@@ -105,6 +105,10 @@ impl Tally {
                 self.deliveries += 1;
                 self.conflated += 1;
             }
+            Pushed::Shed(n) => {
+                self.deliveries += 1;
+                self.conflated += n as u64;
+            }
             Pushed::Stale | Pushed::Closed => {}
         }
     }
@@ -570,7 +574,13 @@ mod tests {
 
     impl World {
         fn subscriber(&self, conn: u64, events: &[Uuid]) -> Arc<Outbox> {
-            let o = Arc::new(Outbox::new(1 << 20, None));
+            let o = Arc::new(Outbox::new(
+                crate::outbox::Limits {
+                    control_bytes: 1 << 20,
+                    positions: 64,
+                },
+                None,
+            ));
             for e in events {
                 self.registry
                     .subscribe(*e, conn, &Arc::new(Identity::default()), &o);
@@ -673,8 +683,8 @@ mod tests {
         w.batch(&[("b", 20), ("b", 15)]);
         w.batch(&[("b", 20), ("b", 21)]);
         let ts: Vec<i64> = sent(&o).into_iter().map(|(_, _, ts)| ts).collect();
-        // 20 was queued, then conflated by 21 before the client read it.
-        assert_eq!(ts, [21]);
+        // Every newer record, in order; 15 and the second 20 nowhere.
+        assert_eq!(ts, [20, 21]);
         assert_eq!(w.b.metrics.records_stale.get(), 2);
     }
 

@@ -53,6 +53,11 @@ pub struct Config {
     )]
     pub live_ws_backpressure_threshold_bytes: usize,
 
+    /// Unsent positions a connection may queue, every one kept in order,
+    /// before its queue is conflated to the newest position of each device.
+    #[arg(long, env = "LIVE_WS_POSITION_BUDGET", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub live_ws_position_budget: u32,
+
     /// A client whose socket accepts nothing for this long is closed with 1008.
     #[arg(long, env = "LIVE_WS_SLOW_CLIENT_TIMEOUT_MS", default_value_t = 10_000, value_parser = positive_ms)]
     pub live_ws_slow_client_timeout_ms: u64,
@@ -189,6 +194,13 @@ impl Config {
     }
     pub fn filter_reload_poll(&self) -> Duration {
         Duration::from_millis(self.live_filter_reload_poll_ms)
+    }
+    /// What one connection's outbox may hold back.
+    pub fn outbox_limits(&self) -> crate::outbox::Limits {
+        crate::outbox::Limits {
+            control_bytes: self.live_ws_backpressure_threshold_bytes,
+            positions: self.live_ws_position_budget as usize,
+        }
     }
     pub fn snapshot_timeout(&self) -> Duration {
         Duration::from_millis(self.live_snapshot_timeout_ms)

@@ -269,15 +269,20 @@ impl Conn {
             while let Some(req) = self.requests.next() {
                 self.start(req);
             }
-            let blocked = self.outbox.blocked_since();
+            let blocked = self.outbox.stalled_since();
             let give_up =
                 blocked.map_or_else(|| Instant::now() + slow, |t| Instant::from_std(t) + slow);
 
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
-                // Stuck past the slow-client timeout.
-                _ = tokio::time::sleep_until(give_up), if blocked.is_some() => return End::Slow,
+                // No progress for the slow-client timeout, even on a last try.
+                _ = tokio::time::sleep_until(give_up), if blocked.is_some() => {
+                    let _ = self.outbox.flush();
+                    if self.outbox.stalled_since().is_some_and(|t| t.elapsed() >= slow) {
+                        return End::Slow;
+                    }
+                }
                 // The socket drains: write the rest (at the top of the loop).
                 _ = socket.writable(), if blocked.is_some() => {}
                 read = ws.read(&mut incoming), if self.requests.accepting() => {
@@ -492,7 +497,8 @@ async fn subscribe(
         req.id.as_deref(),
         snap.entries.iter().map(|e| &e.body[..]),
     );
-    outbox.release(idx, &floors, msg);
+    let shed = outbox.release(idx, &floors, msg);
+    m.conflated.inc_by(shed as u64);
     Done::Added(req.event)
 }
 

@@ -328,6 +328,11 @@ fn plain(status: StatusCode, body: &'static str) -> Response {
     (status, body).into_response()
 }
 
+/// Unsent bytes a client's socket may hold in the kernel (`TCP_NOTSENT_LOWAT`):
+/// a few writes' worth, so a large snapshot still goes out in a couple of
+/// writes.
+const SEND_LOWAT: u32 = 128 * 1024;
+
 /// The WebSocket listener: plain HTTP/1.1 with upgrades, served by hyper
 /// directly so that an upgraded connection is the bare `TcpStream` (the
 /// WebSocket layer writes to it without another buffer in between). It
@@ -349,6 +354,12 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
         };
         // Positions are small and latency matters: no Nagle delay.
         let _ = tcp.set_nodelay(true);
+        // Little unsent data in the kernel: what a slow client has not taken
+        // stays in its outbox, where newer positions conflate it, instead of
+        // seconds of stale ones in a send buffer grown to megabytes; and the
+        // socket turns writable as the client reads, which is the progress
+        // the slow-client timeout measures.
+        let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(SEND_LOWAT);
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -430,7 +441,7 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME);
         drop(read_buf);
         let outbox = Arc::new(Outbox::new(
-            conn_shared.config.live_ws_backpressure_threshold_bytes,
+            conn_shared.config.outbox_limits(),
             Some(socket),
         ));
         connection::serve(conn_shared, ws, outbox, user, credential, id).await;
