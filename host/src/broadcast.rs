@@ -80,6 +80,10 @@ pub struct Broadcaster {
     pub devices: Arc<DeviceMap>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// The device map the latest positions were last pruned against.
+    map: Arc<DeviceEvents>,
+    /// Larger stream entries are skipped as malformed (`too_large`).
+    max_record_bytes: usize,
     malformed_log: LogLimiter,
     // Reused between batches.
     records: Vec<Record>,
@@ -199,13 +203,16 @@ impl Broadcaster {
         devices: Arc<DeviceMap>,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
+        max_record_bytes: usize,
     ) -> Self {
         Self {
             chain,
             latest,
+            map: devices.current(),
             devices,
             registry,
             metrics,
+            max_record_bytes,
             malformed_log: LogLimiter::new(Duration::from_secs(10)),
             records: Vec::new(),
             bodies: Vec::new(),
@@ -234,7 +241,7 @@ impl Broadcaster {
         let mut records = std::mem::take(&mut self.records);
         records.clear();
         for entry in batch {
-            match decode(entry) {
+            match decode(entry, self.max_record_bytes) {
                 Ok(r) => records.push(r),
                 Err((id, why)) => self.skip(&id, why),
             }
@@ -245,19 +252,25 @@ impl Broadcaster {
         let mut bodies = std::mem::take(&mut self.bodies);
         bodies.clear();
         bodies.extend(records.iter().map(|r| r.position.body()));
+        let devices = self.devices.current();
+        if !Arc::ptr_eq(&devices, &self.map) {
+            self.latest.forget_unregistered(&devices);
+            self.map = devices.clone();
+        }
         let mut observed = std::mem::take(&mut self.observed);
         self.latest.observe(
             records
                 .iter()
                 .zip(&bodies)
                 .map(|(r, b)| (&*r.position.device, r.position.ts_ms, b, &r.payload)),
+            &devices,
             &mut observed,
         );
 
         if self.chain.has_delivery() {
-            self.route_per_audience(&records, &bodies, &observed);
+            self.route_per_audience(&records, &bodies, &observed, &devices);
         } else {
-            self.route(&records, &bodies, &observed);
+            self.route(&records, &bodies, &observed, &devices);
         }
 
         self.records = records;
@@ -274,28 +287,27 @@ impl Broadcaster {
 
     /// Without a delivery stage: one message per (record, topic), the same
     /// bytes for every subscriber.
-    fn route(&self, records: &[Record], bodies: &[Bytes], observed: &[Observed]) {
-        let devices = self.devices.current();
+    fn route(
+        &self,
+        records: &[Record],
+        bodies: &[Bytes],
+        observed: &[Observed],
+        devices: &DeviceEvents,
+    ) {
         let registry = self.registry.view();
         let mut out = Delivery::new();
-        let routing = each_route(
-            records,
-            observed,
-            &devices,
-            &registry,
-            |i, device, topic| {
-                let msg = protocol::position(&topic.prefix, &bodies[i]);
-                let position = Queued {
-                    device,
-                    ts: records[i].position.ts_ms,
-                    msg: &msg,
-                    floor: Floor::Skip,
-                };
-                for outbox in topic.subscribers() {
-                    out.push(outbox, topic.idx, position);
-                }
-            },
-        );
+        let routing = each_route(records, observed, devices, &registry, |i, device, topic| {
+            let msg = protocol::position(&topic.prefix, &bodies[i]);
+            let position = Queued {
+                device,
+                ts: records[i].position.ts_ms,
+                msg: &msg,
+                floor: Floor::Skip,
+            };
+            for outbox in topic.subscribers() {
+                out.push(outbox, topic.idx, position);
+            }
+        });
         out.tally(routing).finish(&self.metrics);
     }
 
@@ -305,8 +317,13 @@ impl Broadcaster {
     /// audience. The registry is not locked while plugins run (subscribes
     /// would wait on them): the pairs are collected, decided, then pushed to
     /// whoever subscribes to each audience by then.
-    fn route_per_audience(&mut self, records: &[Record], bodies: &[Bytes], observed: &[Observed]) {
-        let devices = self.devices.current();
+    fn route_per_audience(
+        &mut self,
+        records: &[Record],
+        bodies: &[Bytes],
+        observed: &[Observed],
+        devices: &DeviceEvents,
+    ) {
         let mut pairs: Vec<Pair> = Vec::new();
         // The batch's distinct audiences: (event, topic name, identity).
         let mut audiences: Vec<(uuid::Uuid, String, Arc<Identity>)> = Vec::new();
@@ -314,29 +331,19 @@ impl Broadcaster {
         {
             let registry = self.registry.view();
             let mut audience_index: FxHashMap<(u32, usize), u32> = FxHashMap::default();
-            routing = each_route(
-                records,
-                observed,
-                &devices,
-                &registry,
-                |i, device, topic| {
-                    for (a, group) in topic.audiences.iter().enumerate() {
-                        let audience = *audience_index.entry((topic.idx, a)).or_insert_with(|| {
-                            audiences.push((
-                                topic.event,
-                                topic.name.clone(),
-                                group.identity.clone(),
-                            ));
-                            (audiences.len() - 1) as u32
-                        });
-                        pairs.push(Pair {
-                            record: i,
-                            device,
-                            audience,
-                        });
-                    }
-                },
-            );
+            routing = each_route(records, observed, devices, &registry, |i, device, topic| {
+                for (a, group) in topic.audiences.iter().enumerate() {
+                    let audience = *audience_index.entry((topic.idx, a)).or_insert_with(|| {
+                        audiences.push((topic.event, topic.name.clone(), group.identity.clone()));
+                        (audiences.len() - 1) as u32
+                    });
+                    pairs.push(Pair {
+                        record: i,
+                        device,
+                        audience,
+                    });
+                }
+            });
         }
         if pairs.is_empty() {
             Delivery::new().tally(routing).finish(&self.metrics);
@@ -476,10 +483,12 @@ impl Broadcaster {
                     body: l.body,
                     floor,
                 }),
+                // Keyed by the device the entry is for: a plugin's
+                // replacement cannot make the host index a name it invents.
                 Decided::Replace(r) => Some(SnapshotEntry {
                     body: r.position.body(),
                     ts_ms: r.position.ts_ms,
-                    device: r.position.device,
+                    device,
                     floor: Floor::Keep,
                 }),
             })
@@ -499,15 +508,18 @@ fn each_route<'v>(
 ) -> Tally {
     let mut t = Tally::default();
     for (i, (record, seen)) in records.iter().zip(observed).enumerate() {
-        let Observed::Newer(device) = *seen else {
-            t.stale += 1;
-            continue;
+        let device = match *seen {
+            Observed::Newer(device) => device,
+            Observed::Stale => {
+                t.stale += 1;
+                continue;
+            }
+            Observed::Unrouted => {
+                t.unrouted += 1;
+                continue;
+            }
         };
         let events = devices.events_of(&record.position.device);
-        if events.is_empty() {
-            t.unrouted += 1;
-            continue;
-        }
         let mut reached = false;
         for topic in events.iter().filter_map(|e| registry.topic(e)) {
             reached = true;
@@ -518,10 +530,15 @@ fn each_route<'v>(
     t
 }
 
-fn decode(entry: StreamEntry) -> Result<Record, (String, Malformed)> {
+fn decode(entry: StreamEntry, max_bytes: usize) -> Result<Record, (String, Malformed)> {
     let Some(payload) = entry.payload else {
         return Err((entry.id, Malformed::NoPayload));
     };
+    // Before parsing: a huge entry would otherwise be decoded, run through
+    // the chain and sent whole to every subscriber.
+    if payload.len() > max_bytes {
+        return Err((entry.id, Malformed::TooLarge));
+    }
     match Position::decode(&payload) {
         Ok(position) => Ok(Record {
             payload: Bytes::from(payload),
@@ -564,6 +581,7 @@ mod tests {
             devices,
             registry.clone(),
             Arc::new(Metrics::new()),
+            1024,
         );
         World {
             b,
@@ -664,6 +682,10 @@ mod tests {
             [(t2.clone(), "a".to_owned(), 10), (t2, "b".to_owned(), 11)]
         );
         assert!(sent(&none).is_empty());
+        assert!(
+            w.b.latest.get_many(["c"].into_iter()).is_empty(),
+            "c, in no event, is not remembered"
+        );
         let m = &w.b.metrics;
         assert_eq!(
             (
@@ -705,12 +727,23 @@ mod tests {
                 id: "3-0".into(),
                 payload: Some(payload("b", 30)),
             },
+            StreamEntry {
+                id: "4-0".into(),
+                payload: Some(
+                    format!(
+                        r#"{{"pad":"{}","device_id":"b","timestamp":"2026-05-02T10:15:30Z","latitude":1,"longitude":2}}"#,
+                        "x".repeat(1024)
+                    )
+                    .into_bytes(),
+                ),
+            },
         ];
         w.b.process(batch);
         assert_eq!(sent(&o).len(), 1, "the good record still goes out");
         let m = &w.b.metrics.records_malformed;
         assert_eq!(M::count(m, "reason", "no_payload"), 1);
         assert_eq!(M::count(m, "reason", "json"), 1);
+        assert_eq!(M::count(m, "reason", "too_large"), 1);
     }
 
     #[test]

@@ -106,6 +106,11 @@ pub struct Config {
     #[arg(long, env = "LIVE_BROADCAST_BATCH_BLOCK_MS", default_value_t = 1_000, value_parser = positive_ms)]
     pub live_broadcast_batch_block_ms: u64,
 
+    /// Largest stream entry payload accepted; larger ones are skipped and
+    /// counted as malformed (`too_large`).
+    #[arg(long, env = "LIVE_MAX_RECORD_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..))]
+    pub live_max_record_bytes: u32,
+
     /// PostgreSQL URL (read-only use), e.g. `postgres://user@127.0.0.1/trm`.
     #[arg(long, env = "POSTGRES_URL")]
     pub postgres_url: String,

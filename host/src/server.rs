@@ -176,6 +176,7 @@ impl Host {
             shared.devices.clone(),
             shared.registry.clone(),
             shared.metrics.clone(),
+            config.live_max_record_bytes as usize,
         );
         // Reloaded chains: one at a time is plenty (a reload takes seconds).
         let (chains_tx, chains) = mpsc::channel(1);
