@@ -62,6 +62,14 @@ pub struct Config {
     #[arg(long, env = "LIVE_WS_SLOW_CLIENT_TIMEOUT_MS", default_value_t = 10_000, value_parser = positive_ms)]
     pub live_ws_slow_client_timeout_ms: u64,
 
+    /// Upgrades authenticated at once; more wait up to LIVE_WS_HANDSHAKE_WAIT_MS.
+    #[arg(long, env = "LIVE_WS_MAX_HANDSHAKES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub live_ws_max_handshakes: u32,
+
+    /// How long an upgrade waits for a handshake slot before it gets 503 with Retry-After.
+    #[arg(long, env = "LIVE_WS_HANDSHAKE_WAIT_MS", default_value_t = 2_000)]
+    pub live_ws_handshake_wait_ms: u64,
+
     /// Directus base URL, e.g. `http://directus:8055`.
     #[arg(long, env = "DIRECTUS_BASE_URL")]
     pub directus_base_url: reqwest::Url,
@@ -184,6 +192,9 @@ impl Config {
     }
     pub fn slow_client_timeout(&self) -> Duration {
         Duration::from_millis(self.live_ws_slow_client_timeout_ms)
+    }
+    pub fn handshake_wait(&self) -> Duration {
+        Duration::from_millis(self.live_ws_handshake_wait_ms)
     }
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_millis(self.directus_auth_timeout_ms)

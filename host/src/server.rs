@@ -97,6 +97,7 @@ impl Host {
             config.auth_timeout(),
             config.authz_timeout(),
         );
+        let config_handshakes = config.live_ws_max_handshakes as usize;
         let shared = Arc::new(Shared {
             config,
             directus,
@@ -109,6 +110,7 @@ impl Host {
             redis_ready: Arc::default(),
             work: work_tx,
             connections: TaskTracker::new(),
+            handshakes: tokio::sync::Semaphore::new(config_handshakes),
             next_conn: AtomicU64::new(1),
         });
         Ok(Host {
@@ -325,6 +327,22 @@ fn websocket_key(method: &Method, headers: &HeaderMap) -> Option<Vec<u8>> {
         .map(|k| k.as_bytes().to_vec())
 }
 
+/// Counts one in a gauge for as long as it lives.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 fn plain(status: StatusCode, body: &'static str) -> Response {
     (status, body).into_response()
 }
@@ -397,6 +415,20 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         )
             .into_response();
     };
+    // Bounded: every handshake may cost a Directus call and holds request
+    // buffers, so a flood of upgrades (a reconnect storm after a deploy)
+    // queues here, briefly, instead of landing on Directus all at once.
+    let wait = shared.config.handshake_wait();
+    let Ok(Ok(_permit)) = tokio::time::timeout(wait, shared.handshakes.acquire()).await else {
+        shared.metrics.handshakes_refused.inc();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "too many connections are opening; retry in a second\n",
+        )
+            .into_response();
+    };
+    let _in_flight = InFlight::new(&shared.metrics.handshakes_in_flight);
     let (user, credential) = match auth::authenticate(
         req.headers(),
         &shared.config.live_ws_allowed_origins,
