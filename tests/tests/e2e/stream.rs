@@ -244,6 +244,33 @@ async fn an_entry_over_the_size_limit_is_skipped_before_anyone_gets_it() {
     );
 }
 
+#[tokio::test]
+async fn nothing_written_after_the_stream_is_deleted_is_lost() {
+    let env = TestEnv::new().await;
+    let event = env.event(&[A]).await;
+    env.user("u", None, &[event]);
+    let host = env.start_host().await;
+    let mut c = host.connect(&cookie("u")).await;
+    c.subscribe(event, "s").await;
+    let ts = now_ms();
+    env.publish(&payload(A, ts, 1.0, 1.0)).await;
+    assert_eq!(c.ts_until(A, ts).await, [Value::from(ts)]);
+
+    // Someone deletes the stream under the host's blocked read, and the
+    // ingestion service writes the next record at once.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&env.stream)
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("DEL");
+    env.publish(&payload(A, ts + 1, 2.0, 2.0)).await;
+    env.publish(&payload(A, ts + 2, 3.0, 3.0)).await;
+    assert_eq!(
+        c.ts_until(A, ts + 2).await,
+        [Value::from(ts + 1), Value::from(ts + 2)]
+    );
+}
+
 fn group_info(v: &RedisValue, group: &str) -> Option<Vec<(String, String)>> {
     let RedisValue::Array(groups) = v else {
         return None;
