@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,7 +17,8 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::TokioIo;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -65,11 +67,7 @@ impl Host {
         install_crypto();
         let redis = redis::Client::open(config.redis_url.as_str())
             .context("REDIS_URL is not a valid Redis URL")?;
-        let db = PgPoolOptions::new()
-            .max_connections(config.postgres_max_connections)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_lazy(&config.postgres_url)
-            .context("POSTGRES_URL is not a valid PostgreSQL URL")?;
+        let db = database(&config)?;
         let metrics = Arc::new(Metrics::new());
         let spec = match &config.live_filter_chain {
             Some(path) => {
@@ -256,6 +254,44 @@ impl Host {
     }
 }
 
+/// How long an idle pooled connection may take to answer a ping before it
+/// is replaced. PostgreSQL answers in well under a millisecond; a connection
+/// that died silently (a restart or failover whose resets never reached
+/// us) would otherwise hold the first query for the whole acquire timeout.
+const PING_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The read-only pool of the snapshot and the device map. Connections are
+/// opened on first use: PostgreSQL may be down at start.
+fn database(config: &Config) -> anyhow::Result<PgPool> {
+    use sqlx::{ConnectOptions, Connection};
+    let options = PgConnectOptions::from_str(&config.postgres_url)
+        .context("POSTGRES_URL is not a valid PostgreSQL URL")?
+        // sqlx logs slow statements at warn, SQL included; slow snapshots
+        // have the host's own metric and warnings.
+        .log_statements(log::LevelFilter::Debug)
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
+    let fresh = Arc::new(options.clone());
+    Ok(PgPoolOptions::new()
+        .max_connections(config.postgres_max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(false)
+        .before_acquire(move |conn, _| {
+            let fresh = fresh.clone();
+            Box::pin(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(PING_TIMEOUT, conn.ping()).await {
+                    return Ok(true);
+                }
+                // Dead: a fresh connection takes its place, and dropping the
+                // old one closes its socket at once. Handing it back to sqlx
+                // to close would wait for a TLS goodbye a dead peer never
+                // sends, for the whole acquire timeout.
+                *conn = PgConnection::connect_with(&fresh).await?;
+                Ok(true)
+            })
+        })
+        .connect_lazy_with(options))
+}
+
 /// Looks inside a running host.
 #[cfg(feature = "test-util")]
 #[derive(Clone)]
@@ -271,6 +307,11 @@ impl Inspector {
     /// Active subscriptions.
     pub fn subscriptions(&self) -> usize {
         self.0.registry.subscriptions()
+    }
+
+    /// Idle connections in the database pool.
+    pub fn idle_db_connections(&self) -> usize {
+        self.0.db.num_idle()
     }
 
     /// Whether the stream consumer is connected with its group in place.
