@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::directus::{Authz, Credential, User};
 use crate::ids::ConnId;
-use crate::metrics::inc;
+use crate::metrics::{Counted, inc};
 use crate::outbox::{Flushed, Outbox};
 use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
 use crate::registry::Identity;
@@ -175,7 +175,7 @@ pub async fn serve(
     id: ConnId,
 ) {
     let metrics = shared.metrics.clone();
-    metrics.connections.inc();
+    let _open = Counted::new(&metrics.connections);
     tracing::debug!(conn = id, user = %user.id, "connected");
     if user.role.is_none() {
         // Directus leaves `role` out of /users/me unless the user's policy may
@@ -212,8 +212,6 @@ pub async fn serve(
         }
         close(&mut ws, &conn.outbox, code, reason, grace).await;
     }
-    conn.outbox.close();
-    metrics.connections.dec();
     tracing::debug!(conn = id, reason = end.label(), "disconnected");
 }
 
@@ -397,6 +395,8 @@ impl Conn {
 
     /// Removes every subscription of the connection, including one whose
     /// subscribe was still in flight, so the record path stops pushing.
+    /// Runs again when the connection is dropped, however it ends (a task
+    /// abandoned at the drain timeout too); it then finds nothing left.
     fn unregister(&mut self) {
         let pending = self.requests.abandon();
         for event in self.subscriptions.drain().chain(pending) {
@@ -411,6 +411,13 @@ impl Conn {
 /// 1015 are reserved for reporting, never sent.
 fn sendable(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.unregister();
+        self.outbox.close();
+    }
 }
 
 /// Authorize, register, snapshot, release: in this order, so that no live

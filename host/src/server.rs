@@ -33,8 +33,10 @@ use crate::connection;
 use crate::consumer::{Consumer, StreamConfig};
 use crate::devices;
 use crate::directus::Directus;
+use crate::directus::{Credential, User};
 use crate::filter::{Chain, ChainSpec, reload};
-use crate::metrics::Metrics;
+use crate::ids::ConnId;
+use crate::metrics::{Counted, Metrics};
 use crate::outbox::Outbox;
 use crate::state::Shared;
 use crate::ws::WebSocket;
@@ -105,6 +107,7 @@ impl Host {
             devices: Arc::default(),
             metrics,
             shutdown: CancellationToken::new(),
+            abandon: CancellationToken::new(),
             redis_ready: Arc::default(),
             work: work_tx,
             connections: TaskTracker::new(),
@@ -241,8 +244,15 @@ impl Host {
             .await
             .is_err()
         {
-            tracing::warn!("drain timeout: dropping the remaining connections");
+            tracing::warn!(
+                connections = shared.metrics.connections.get(),
+                "drain timeout: dropping the remaining connections"
+            );
+            shared.abandon.cancel();
+            shared.connections.wait().await;
         }
+        // No connection is left to ask for a snapshot: the record path can
+        // stop without one waiting behind its Stop.
         background.cancel();
         let _ = consumer.await;
         let _ = shared.work.send(Work::Stop).await;
@@ -368,22 +378,6 @@ fn websocket_key(method: &Method, headers: &HeaderMap) -> Option<Vec<u8>> {
         .map(|k| k.as_bytes().to_vec())
 }
 
-/// Counts one in a gauge for as long as it lives.
-struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl<'a> InFlight<'a> {
-    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 fn plain(status: StatusCode, body: &'static str) -> Response {
     (status, body).into_response()
 }
@@ -420,8 +414,12 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
         // socket turns writable as the client reads, which is the progress
         // the slow-client timeout measures.
         let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(SEND_LOWAT);
+        let stop = shared.shutdown.clone();
         let shared = shared.clone();
-        tokio::spawn(async move {
+        // Tracked with the connections, and dropped at shutdown: a handshake
+        // still waiting on Directus then gets no 101 from a stopping host.
+        let tracker = shared.connections.clone();
+        tracker.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
                 async move {
@@ -432,14 +430,17 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let http = hyper::server::conn::http1::Builder::new()
                 // Without a timer hyper applies no header timeout, and an
                 // idle or trickling connection would be held for ever.
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = http => {}
+            }
         });
     }
 }
@@ -469,7 +470,7 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         )
             .into_response();
     };
-    let _in_flight = InFlight::new(&shared.metrics.handshakes_in_flight);
+    let _in_flight = Counted::new(&shared.metrics.handshakes_in_flight);
     let (user, credential) = match auth::authenticate(
         req.headers(),
         &shared.config.live_ws_allowed_origins,
@@ -491,34 +492,13 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
     let on_upgrade = hyper::upgrade::on(&mut req);
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let conn_shared = shared.clone();
+    let abandon = shared.abandon.clone();
     shared.connections.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade did not complete");
-                return;
-            }
-        };
-        // The listener is plain TCP, so the upgraded stream is a TcpStream;
-        // the WebSocket layer writes to it directly.
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(p) => p,
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TCP stream");
-                return;
-            }
-        };
-        // `read_buf` is a view into hyper's 8 KiB read buffer: copy what it
-        // holds and let it go, or every connection would keep it.
-        let hyper::upgrade::Parts { io, read_buf, .. } = parts;
-        let socket = Arc::new(io.into_inner());
-        let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME);
-        drop(read_buf);
-        let outbox = Arc::new(Outbox::new(
-            conn_shared.config.outbox_limits(),
-            Some(socket),
-        ));
-        connection::serve(conn_shared, ws, outbox, user, credential, id).await;
+        tokio::select! {
+            // Past the drain timeout: dropped (its cleanup runs on drop).
+            _ = abandon.cancelled() => {}
+            _ = serve_upgraded(conn_shared, on_upgrade, user, credential, id) => {}
+        }
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -527,4 +507,41 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key))
         .body(Body::empty())
         .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "upgrade failed\n"))
+}
+
+/// An upgraded connection, from hyper's hand-over to its close.
+async fn serve_upgraded(
+    conn_shared: Arc<Shared>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    user: User,
+    credential: Credential,
+    id: ConnId,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    // The listener is plain TCP, so the upgraded stream is a TcpStream;
+    // the WebSocket layer writes to it directly.
+    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => p,
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return;
+        }
+    };
+    // `read_buf` is a view into hyper's 8 KiB read buffer: copy what it
+    // holds and let it go, or every connection would keep it.
+    let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+    let socket = Arc::new(io.into_inner());
+    let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME);
+    drop(read_buf);
+    let outbox = Arc::new(Outbox::new(
+        conn_shared.config.outbox_limits(),
+        Some(socket),
+    ));
+    connection::serve(conn_shared, ws, outbox, user, credential, id).await;
 }
