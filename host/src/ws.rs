@@ -179,9 +179,7 @@ impl WebSocket {
     /// for the client's close, skipping (never holding) everything else,
     /// the rest of a refused frame included.
     pub fn closing(&mut self) {
-        self.decoder.closing = true;
-        self.decoder.message = Vec::new();
-        self.decoder.fragmented = None;
+        self.decoder.start_closing();
     }
 
     /// Whether the client's close frame has been read, so that the closing
@@ -261,6 +259,12 @@ pub fn consume(out: &mut VecDeque<OutFrame>, written: &mut usize, mut n: usize) 
 }
 
 impl Decoder {
+    fn start_closing(&mut self) {
+        self.closing = true;
+        self.message = Vec::new();
+        self.fragmented = None;
+    }
+
     /// Parses every complete frame in `pending`. After an error, the rest of
     /// the refused frame is still to skip (see [`Decoder::skip`]).
     fn parse(&mut self, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
@@ -678,7 +682,7 @@ mod tests {
             d.pending.extend_from_slice(c);
             if let Err(e) = d.parse(&mut out) {
                 error = Some(format!("{e:?}"));
-                d.closing = true;
+                d.start_closing();
                 d.parse(&mut out).expect("closing never fails");
             }
             if d.closing {
@@ -729,7 +733,7 @@ mod tests {
                 d.parse(&mut Vec::new()),
                 Err(ReadError::Protocol(_))
             ));
-            d.closing = true;
+            d.start_closing();
             let mut out = Vec::new();
             d.parse(&mut out).expect("closing");
             assert_eq!(out, [Incoming::Close(None)], "{frame:?}");
@@ -765,5 +769,300 @@ mod tests {
             70_000
         );
         assert_eq!((a.len(), b.len(), c.len()), (7, 304, 70_010));
+    }
+}
+
+/// Property tests of the decoder (run more cases with `PROPTEST_CASES`, see
+/// docs/operations.md). The reference encoder and header parser are
+/// tungstenite's, an implementation independent of this one.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame as Reference, FrameHeader};
+
+    /// A small limit, so that generated messages pass it too.
+    const MAX: usize = 512;
+
+    /// What a client sends, before framing.
+    #[derive(Debug, Clone)]
+    enum Msg {
+        /// A data message cut into fragments at the given byte offsets (inside
+        /// characters too), with a control frame after some of them.
+        Data {
+            text: bool,
+            payload: Vec<u8>,
+            cuts: Vec<usize>,
+            between: Vec<Option<Msg>>,
+        },
+        Ping(Vec<u8>),
+        Pong(Vec<u8>),
+        Close(Option<(u16, String)>),
+    }
+
+    fn control() -> impl Strategy<Value = Msg> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..=125).prop_map(Msg::Ping),
+            prop::collection::vec(any::<u8>(), 0..=125).prop_map(Msg::Pong),
+        ]
+    }
+
+    fn data() -> impl Strategy<Value = Msg> {
+        let text = "\\PC{0,120}"
+            .prop_map(String::into_bytes)
+            .prop_map(|p| (true, p));
+        let binary = prop::collection::vec(any::<u8>(), 0..MAX).prop_map(|p| (false, p));
+        (
+            prop_oneof![3 => text, 1 => binary],
+            prop::collection::vec(any::<prop::sample::Index>(), 0..4),
+            prop::collection::vec(prop::option::weighted(0.3, control()), 4),
+        )
+            .prop_map(|((text, payload), cuts, between)| {
+                let mut cuts: Vec<usize> =
+                    cuts.iter().map(|i| i.index(payload.len() + 1)).collect();
+                cuts.sort_unstable();
+                Msg::Data {
+                    text,
+                    payload,
+                    cuts,
+                    between,
+                }
+            })
+    }
+
+    fn close() -> impl Strategy<Value = Msg> {
+        let code = prop_oneof![1000..=1003u16, 1007..=1014u16, 3000..=4999u16];
+        prop::option::of((code, "\\PC{0,30}"))
+            .prop_filter("a reason fits in 123 bytes", |c| {
+                c.as_ref().is_none_or(|(_, r)| r.len() <= 123)
+            })
+            .prop_map(Msg::Close)
+    }
+
+    /// A conversation: messages and control frames, maybe a close at the end.
+    fn conversation() -> impl Strategy<Value = Vec<Msg>> {
+        (
+            prop::collection::vec(prop_oneof![3 => data(), 1 => control()], 0..8),
+            prop::option::of(close()),
+        )
+            .prop_map(|(mut msgs, close)| {
+                msgs.extend(close);
+                msgs
+            })
+    }
+
+    fn encode(fin: bool, opcode: OpCode, payload: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
+        let header = FrameHeader {
+            is_final: fin,
+            rsv1: false,
+            rsv2: false,
+            rsv3: false,
+            opcode,
+            mask: Some(mask),
+        };
+        Reference::from_payload(header, Bytes::copy_from_slice(payload))
+            .format(out)
+            .expect("writing to a Vec");
+    }
+
+    /// The bytes a client sends and the messages the decoder must give.
+    fn frames(msgs: &[Msg], mask: [u8; 4]) -> (Vec<u8>, Vec<Incoming>) {
+        let mut bytes = Vec::new();
+        let mut want = Vec::new();
+        for m in msgs {
+            match m {
+                Msg::Ping(p) => {
+                    encode(true, OpCode::Control(Control::Ping), p, mask, &mut bytes);
+                    want.push(Incoming::Ping(Bytes::copy_from_slice(p)));
+                }
+                Msg::Pong(p) => {
+                    encode(true, OpCode::Control(Control::Pong), p, mask, &mut bytes);
+                    want.push(Incoming::Pong);
+                }
+                Msg::Close(c) => {
+                    let mut p = Vec::new();
+                    if let Some((code, reason)) = c {
+                        p.extend_from_slice(&code.to_be_bytes());
+                        p.extend_from_slice(reason.as_bytes());
+                    }
+                    encode(true, OpCode::Control(Control::Close), &p, mask, &mut bytes);
+                    want.push(Incoming::Close(c.as_ref().map(|(code, _)| *code)));
+                }
+                Msg::Data {
+                    text,
+                    payload,
+                    cuts,
+                    between,
+                } => {
+                    let mut bounds = vec![0];
+                    bounds.extend(cuts);
+                    bounds.push(payload.len());
+                    let mut controls = Vec::new();
+                    for (i, w) in bounds.windows(2).enumerate() {
+                        let last = i + 2 == bounds.len();
+                        let opcode = match (i, text) {
+                            (0, true) => OpCode::Data(Data::Text),
+                            (0, false) => OpCode::Data(Data::Binary),
+                            _ => OpCode::Data(Data::Continue),
+                        };
+                        encode(last, opcode, &payload[w[0]..w[1]], mask, &mut bytes);
+                        if let (false, Some(Some(c))) = (last, between.get(i)) {
+                            let (b, w) = frames(std::slice::from_ref(c), mask);
+                            bytes.extend(b);
+                            controls.extend(w);
+                        }
+                    }
+                    // Control frames between fragments arrive before the
+                    // message they interrupt.
+                    want.extend(controls);
+                    want.push(if *text {
+                        Incoming::Text(String::from_utf8(payload.clone()).expect("text"))
+                    } else {
+                        Incoming::Binary
+                    });
+                }
+            }
+        }
+        (bytes, want)
+    }
+
+    /// Decodes `bytes` as the socket would deliver them, cut at `cuts`: the
+    /// messages up to the first error, and that error.
+    fn decode(bytes: &[u8], cuts: &[prop::sample::Index], max: usize) -> (Vec<Incoming>, String) {
+        let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        ends.push(bytes.len());
+        ends.sort_unstable();
+        let mut d = Decoder {
+            max_message: max,
+            ..Decoder::default()
+        };
+        let mut out = Vec::new();
+        let mut from = 0;
+        for end in ends {
+            d.pending.extend_from_slice(&bytes[from..end]);
+            from = end;
+            if let Err(e) = d.parse(&mut out) {
+                return (out, format!("{e:?}"));
+            }
+        }
+        (out, String::new())
+    }
+
+    fn cuts() -> impl Strategy<Value = Vec<prop::sample::Index>> {
+        prop::collection::vec(any::<prop::sample::Index>(), 0..12)
+    }
+
+    /// Valid frames with up to a few bytes changed: the interesting errors.
+    fn mangled() -> impl Strategy<Value = Vec<u8>> {
+        (
+            conversation(),
+            any::<[u8; 4]>(),
+            prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        )
+            .prop_map(|(msgs, mask, changes)| {
+                let (mut bytes, _) = frames(&msgs, mask);
+                if !bytes.is_empty() {
+                    for (at, x) in changes {
+                        let i = at.index(bytes.len());
+                        bytes[i] ^= x;
+                    }
+                }
+                bytes
+            })
+    }
+
+    fn any_input() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![prop::collection::vec(any::<u8>(), 0..2048), mangled(),]
+    }
+
+    proptest! {
+        /// What the reference encoder framed is decoded to the messages sent,
+        /// however the bytes are cut.
+        #[test]
+        fn prop_decodes_what_the_reference_encoder_framed(
+            msgs in conversation(),
+            mask in any::<[u8; 4]>(),
+            cuts in cuts(),
+        ) {
+            let (bytes, want) = frames(&msgs, mask);
+            let (got, error) = decode(&bytes, &cuts, MAX);
+            prop_assert_eq!(error, "");
+            prop_assert_eq!(got, want);
+        }
+
+        /// Any input: no panic, and the same messages and the same error
+        /// whether it arrives whole or cut anywhere.
+        #[test]
+        fn prop_cutting_the_input_changes_nothing(
+            bytes in any_input(),
+            cuts in cuts(),
+            max in prop_oneof![Just(MAX), 0..64usize],
+        ) {
+            let whole = decode(&bytes, &[], max);
+            prop_assert_eq!(decode(&bytes, &cuts, max), whole);
+        }
+
+        /// After an error, closing mode never fails, never holds more than a
+        /// frame header, and finds a close appended to anything.
+        #[test]
+        fn prop_closing_holds_a_header_at_most_and_finds_the_close(
+            bytes in any_input(),
+            cuts in cuts(),
+        ) {
+            let mut d = Decoder { max_message: MAX, ..Decoder::default() };
+            let mut out = Vec::new();
+            let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            ends.push(bytes.len());
+            ends.sort_unstable();
+            let mut from = 0;
+            for end in ends {
+                d.pending.extend_from_slice(&bytes[from..end]);
+                from = end;
+                if d.parse(&mut out).is_err() {
+                    d.start_closing();
+                    d.parse(&mut out).expect("closing never fails");
+                }
+                if d.closing {
+                    prop_assert!(d.pending.len() < 14, "held {}", d.pending.len());
+                    prop_assert!(d.message.is_empty());
+                }
+            }
+            // The client's close, sent after all that, is found once the
+            // frame the input ended in is complete.
+            d.start_closing();
+            out.clear();
+            d.parse(&mut out).expect("closing never fails");
+            if d.pending.is_empty() && d.skip <= 1 << 16 {
+                let rest = usize::try_from(d.skip).expect("small");
+                d.pending.resize(rest, 0);
+                encode(true, OpCode::Control(Control::Close), &[3, 232], [1, 2, 3, 4], &mut d.pending);
+                d.parse(&mut out).expect("closing never fails");
+                prop_assert!(out.contains(&Incoming::Close(None)), "{:?}", out);
+            }
+        }
+
+        /// Headers are read as tungstenite reads them.
+        #[test]
+        fn prop_headers_match_tungstenite(bytes in prop::collection::vec(any::<u8>(), 0..16)) {
+            let mut cursor = std::io::Cursor::new(&bytes);
+            let reference = FrameHeader::parse(&mut cursor);
+            let ours = parse_header(&bytes);
+            match (reference, ours) {
+                (Ok(None), None) => {}
+                (Ok(Some((h, len))), Some(o)) => {
+                    let rsv = u8::from(h.rsv1) << 2 | u8::from(h.rsv2) << 1 | u8::from(h.rsv3);
+                    prop_assert_eq!(
+                        (h.is_final, rsv, u8::from(h.opcode), h.mask, len, cursor.position()),
+                        (o.fin, o.rsv, o.opcode, o.mask, o.len, o.size as u64)
+                    );
+                }
+                // tungstenite refuses reserved opcodes at the header.
+                (Err(_), Some(o)) => {
+                    prop_assert!(!matches!(o.opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG));
+                }
+                (r, o) => prop_assert!(false, "tungstenite {:?}, ours {:?}", r.map(|h| h.is_some()), o),
+            }
+        }
     }
 }
