@@ -26,6 +26,8 @@ pub struct Metrics {
     pub auth_latency_ms: Histogram,
     pub authz: CounterFamily,
     pub authz_latency_ms: Histogram,
+    pub handshakes_in_flight: Gauge,
+    pub handshakes_refused: Counter,
     pub subscriptions: Gauge,
     pub client_errors: CounterFamily,
     pub closes: CounterFamily,
@@ -98,6 +100,16 @@ impl Metrics {
                 "livecast_authz_latency_ms",
                 "Latency of the Directus /items/events call at subscribe, ms",
                 latency_ms()
+            ),
+            handshakes_in_flight: reg!(
+                "livecast_handshakes_in_flight",
+                "Upgrades being authenticated now (at most LIVE_WS_MAX_HANDSHAKES)",
+                Gauge::default()
+            ),
+            handshakes_refused: reg!(
+                "livecast_handshakes_refused",
+                "Upgrades answered 503 because no handshake slot freed up in time",
+                Counter::default()
             ),
             subscriptions: reg!(
                 "livecast_subscriptions",
@@ -211,7 +223,7 @@ impl Metrics {
     }
 
     /// Counter `name{label=value}` from a family, for tests and the bench.
-    #[cfg(feature = "test-util")]
+    #[cfg(any(test, feature = "test-util"))]
     pub fn count(family: &CounterFamily, key: &'static str, value: &'static str) -> u64 {
         family.get(&[(key, value)]).map(|c| c.get()).unwrap_or(0)
     }

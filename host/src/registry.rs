@@ -198,7 +198,13 @@ mod tests {
     fn groups_by_identity_and_cleans_up() {
         let r = Registry::default();
         let e = Uuid::new_v4();
-        let o = Arc::new(Outbox::new(1024, None));
+        let o = Arc::new(Outbox::new(
+            crate::outbox::Limits {
+                control_bytes: 1024,
+                positions: 64,
+            },
+            None,
+        ));
         let viewer = Arc::new(Identity {
             role: "viewer".into(),
             user_id: "u1".into(),

@@ -97,6 +97,7 @@ impl Host {
             config.auth_timeout(),
             config.authz_timeout(),
         );
+        let config_handshakes = config.live_ws_max_handshakes as usize;
         let shared = Arc::new(Shared {
             config,
             directus,
@@ -109,6 +110,7 @@ impl Host {
             redis_ready: Arc::default(),
             work: work_tx,
             connections: TaskTracker::new(),
+            handshakes: tokio::sync::Semaphore::new(config_handshakes),
             next_conn: AtomicU64::new(1),
         });
         Ok(Host {
@@ -176,6 +178,7 @@ impl Host {
             shared.devices.clone(),
             shared.registry.clone(),
             shared.metrics.clone(),
+            config.live_max_record_bytes as usize,
         );
         // Reloaded chains: one at a time is plenty (a reload takes seconds).
         let (chains_tx, chains) = mpsc::channel(1);
@@ -354,9 +357,30 @@ fn is_nonce(key: &[u8]) -> bool {
     again == key
 }
 
+/// Counts one in a gauge for as long as it lives.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 fn plain(status: StatusCode, body: &'static str) -> Response {
     (status, body).into_response()
 }
+
+/// Unsent bytes a client's socket may hold in the kernel (`TCP_NOTSENT_LOWAT`):
+/// a few writes' worth, so a large snapshot still goes out in a couple of
+/// writes.
+const SEND_LOWAT: u32 = 128 * 1024;
 
 /// The WebSocket listener: plain HTTP/1.1 with upgrades, served by hyper
 /// directly so that an upgraded connection is the bare `TcpStream` (the
@@ -379,6 +403,12 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
         };
         // Positions are small and latency matters: no Nagle delay.
         let _ = tcp.set_nodelay(true);
+        // Little unsent data in the kernel: what a slow client has not taken
+        // stays in its outbox, where newer positions conflate it, instead of
+        // seconds of stale ones in a send buffer grown to megabytes; and the
+        // socket turns writable as the client reads, which is the progress
+        // the slow-client timeout measures.
+        let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(SEND_LOWAT);
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -428,6 +458,20 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
             );
         }
     };
+    // Bounded: every handshake may cost a Directus call and holds request
+    // buffers, so a flood of upgrades (a reconnect storm after a deploy)
+    // queues here, briefly, instead of landing on Directus all at once.
+    let wait = shared.config.handshake_wait();
+    let Ok(Ok(_permit)) = tokio::time::timeout(wait, shared.handshakes.acquire()).await else {
+        shared.metrics.handshakes_refused.inc();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "too many connections are opening; retry in a second\n",
+        )
+            .into_response();
+    };
+    let _in_flight = InFlight::new(&shared.metrics.handshakes_in_flight);
     let (user, credential) = match auth::authenticate(
         req.headers(),
         &shared.config.live_ws_allowed_origins,
@@ -473,7 +517,7 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME);
         drop(read_buf);
         let outbox = Arc::new(Outbox::new(
-            conn_shared.config.live_ws_backpressure_threshold_bytes,
+            conn_shared.config.outbox_limits(),
             Some(socket),
         ));
         connection::serve(conn_shared, ws, outbox, user, credential, id).await;

@@ -32,6 +32,8 @@ pub struct Shared {
     pub redis_ready: Arc<AtomicBool>,
     /// The record path's queue: batches and snapshots to filter.
     pub work: mpsc::Sender<Work>,
+    /// Upgrades being authenticated (`LIVE_WS_MAX_HANDSHAKES`).
+    pub handshakes: tokio::sync::Semaphore,
     /// Every connection's task, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
     pub next_conn: AtomicU64,

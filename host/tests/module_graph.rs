@@ -38,7 +38,13 @@ fn modules(src: &Path) -> BTreeMap<String, String> {
                 Some(at) => text[..at].to_owned(),
                 None => text,
             };
-            out.insert(parts.join("::"), strip_comments(&text));
+            // The crate root's own items resolve to no module; it is shown
+            // as `crate`.
+            let name = match parts.join("::") {
+                n if n.is_empty() => "crate".to_owned(),
+                n => n,
+            };
+            out.insert(name, strip_comments(&text));
         }
     }
     out
@@ -152,6 +158,7 @@ fn target(path: &str, from: &str, known: &BTreeSet<&str>) -> Option<String> {
         Some(&"crate") => {
             parts.next();
         }
+        _ if from == "crate" => {}
         Some(&"super") => {
             while parts.peek() == Some(&"super") {
                 parts.next();

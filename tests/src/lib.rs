@@ -392,6 +392,29 @@ impl TestEnv {
         .await
     }
 
+    /// `XADD`s of many positions in one pipeline: a burst, as a tracker
+    /// uploading its buffer after a coverage gap, or many trackers at once.
+    pub async fn publish_all(&self, payloads: &[Value]) {
+        let mut pipe = redis::pipe();
+        for p in payloads {
+            pipe.cmd("XADD")
+                .arg(&self.stream)
+                .arg("*")
+                .arg("ts")
+                .arg(p["timestamp"].as_str().unwrap_or_default())
+                .arg("device_id")
+                .arg(p["device_id"].as_str().unwrap_or_default())
+                .arg("codec")
+                .arg("8E")
+                .arg("payload")
+                .arg(p.to_string())
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis.clone())
+            .await
+            .expect("XADD pipeline");
+    }
+
     /// `XADD` of arbitrary fields (for malformed entries).
     pub async fn xadd(&self, fields: &[(&str, &str)]) -> String {
         let mut cmd = redis::cmd("XADD");

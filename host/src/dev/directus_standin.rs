@@ -39,6 +39,8 @@ struct Inner {
     users: RwLock<HashMap<String, StandInUser>>,
     events: RwLock<HashSet<Uuid>>,
     failing: AtomicBool,
+    /// Milliseconds every `/users/me` answer waits (a slow Directus).
+    delay_ms: AtomicU64,
     users_me_calls: AtomicU64,
     items_calls: AtomicU64,
 }
@@ -132,6 +134,13 @@ impl DirectusStandIn {
         self.inner.failing.store(failing, Ordering::Relaxed);
     }
 
+    /// Makes every `/users/me` answer wait this long (a slow Directus).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.inner
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// `/users/me` calls served so far.
     pub fn users_me_calls(&self) -> u64 {
         self.inner.users_me_calls.load(Ordering::Relaxed)
@@ -189,6 +198,10 @@ fn user_of(inner: &Inner, headers: &HeaderMap) -> Option<StandInUser> {
 
 async fn users_me(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
     inner.users_me_calls.fetch_add(1, Ordering::Relaxed);
+    let delay = inner.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     if inner.failing.load(Ordering::Relaxed) {
         return unavailable();
     }

@@ -221,6 +221,29 @@ async fn malformed_entries_are_skipped_and_counted_and_the_next_one_delivered() 
     );
 }
 
+#[tokio::test]
+async fn an_entry_over_the_size_limit_is_skipped_before_anyone_gets_it() {
+    let env = TestEnv::new().await;
+    let event = env.event(&[A]).await;
+    env.user("u", None, &[event]);
+    let host = env.start_host().await;
+    let mut c = host.connect(&cookie("u")).await;
+    c.subscribe(event, "s").await;
+
+    // A valid position, 10 MiB of it in one attribute.
+    let ts = now_ms();
+    let mut huge = payload(A, ts, 1.0, 1.0);
+    huge["attributes"]["9999"] = Value::from("x".repeat(10 << 20));
+    env.publish(&huge).await;
+    env.publish(&payload(A, ts + 1, 1.0, 1.0)).await;
+    let got = c.ts_until(A, ts + 1).await;
+    assert_eq!(got, [Value::from(ts + 1)], "only the normal record arrives");
+    assert_eq!(
+        Metrics::count(&host.metrics.records_malformed, "reason", "too_large"),
+        1
+    );
+}
+
 fn group_info(v: &RedisValue, group: &str) -> Option<Vec<(String, String)>> {
     let RedisValue::Array(groups) = v else {
         return None;
