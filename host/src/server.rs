@@ -362,8 +362,19 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Why an upgrade request is refused before anything else is checked.
+#[derive(Debug, PartialEq, Eq)]
+enum NotUpgrade {
+    /// Not a WebSocket upgrade, or not version 13: 426, naming the protocol
+    /// and the version the host speaks (RFC 6455 §4.2.2).
+    Required,
+    /// A version 13 upgrade without exactly one `Sec-WebSocket-Key` that is
+    /// the base64 of 16 bytes: a malformed handshake, 400 (§4.2.1, §11.3.1).
+    BadKey,
+}
+
 /// The `Sec-WebSocket-Key` of a valid upgrade request.
-fn websocket_key(method: &Method, headers: &HeaderMap) -> Option<Vec<u8>> {
+fn websocket_key(method: &Method, headers: &HeaderMap) -> Result<Vec<u8>, NotUpgrade> {
     let valid = method == Method::GET
         && header_has_token(headers, header::CONNECTION, "upgrade")
         && header_has_token(headers, header::UPGRADE, "websocket")
@@ -371,11 +382,30 @@ fn websocket_key(method: &Method, headers: &HeaderMap) -> Option<Vec<u8>> {
             .get(header::SEC_WEBSOCKET_VERSION)
             .is_some_and(|v| v == "13");
     if !valid {
-        return None;
+        return Err(NotUpgrade::Required);
     }
-    headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| k.as_bytes().to_vec())
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(key), None) if is_nonce(key.as_bytes()) => Ok(key.as_bytes().to_vec()),
+        _ => Err(NotUpgrade::BadKey),
+    }
+}
+
+/// Whether `key` is exactly the base64 of 16 bytes, as RFC 6455 §4.1 has a
+/// client send. Re-encoding refuses what a decoder alone would let through
+/// (padding inside the string, bits set past the 16th byte).
+fn is_nonce(key: &[u8]) -> bool {
+    use data_encoding::BASE64;
+    if key.len() != 24 {
+        return false;
+    }
+    let mut nonce = [0u8; 18];
+    if BASE64.decode_mut(key, &mut nonce) != Ok(16) {
+        return false;
+    }
+    let mut again = [0u8; 24];
+    BASE64.encode_mut(&nonce[..16], &mut again);
+    again == key
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response {
@@ -449,13 +479,26 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
     if shared.shutdown.is_cancelled() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
-    let Some(key) = websocket_key(req.method(), req.headers()) else {
-        return (
-            StatusCode::UPGRADE_REQUIRED,
-            [(header::UPGRADE, "websocket")],
-            "this endpoint speaks WebSocket\n",
-        )
-            .into_response();
+    let key = match websocket_key(req.method(), req.headers()) {
+        Ok(key) => key,
+        Err(NotUpgrade::Required) => {
+            return (
+                StatusCode::UPGRADE_REQUIRED,
+                [
+                    (header::CONNECTION, "upgrade"),
+                    (header::UPGRADE, "websocket"),
+                    (header::SEC_WEBSOCKET_VERSION, "13"),
+                ],
+                "this endpoint speaks WebSocket, version 13\n",
+            )
+                .into_response();
+        }
+        Err(NotUpgrade::BadKey) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Key must be the base64 of 16 bytes\n",
+            );
+        }
     };
     // Bounded: every handshake may cost a Directus call and holds request
     // buffers, so a flood of upgrades (a reconnect storm after a deploy)
@@ -544,4 +587,66 @@ async fn serve_upgraded(
         Some(socket),
     ));
     connection::serve(conn_shared, ws, outbox, user, credential, id).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade(extra: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            h.append(
+                header::HeaderName::from_static(k),
+                v.parse().expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn an_upgrade_needs_one_key_of_16_bytes() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let ok = upgrade(&[("sec-websocket-key", key)]);
+        assert_eq!(
+            websocket_key(&Method::GET, &ok).as_deref(),
+            Ok(key.as_bytes())
+        );
+        assert_eq!(websocket_key(&Method::POST, &ok), Err(NotUpgrade::Required));
+        let v8 = {
+            let mut h = ok.clone();
+            h.insert(header::SEC_WEBSOCKET_VERSION, "8".parse().expect("8"));
+            h
+        };
+        assert_eq!(websocket_key(&Method::GET, &v8), Err(NotUpgrade::Required));
+        let bad_keys = [
+            "",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZR==",
+            "dGhlIHNhbXBsZSBub25jZXMh",
+            "dGhlIHNhbXBsZSBub25j",
+            "AA==AAAAAAAAAAAAAAAAAAAA",
+            "dGhlIHNhbXBsZSBub25jZQ-_",
+            " dGhlIHNhbXBsZSBub25jZQ==",
+        ];
+        for k in bad_keys {
+            let h = upgrade(&[("sec-websocket-key", k)]);
+            assert_eq!(
+                websocket_key(&Method::GET, &h),
+                Err(NotUpgrade::BadKey),
+                "{k:?}"
+            );
+        }
+        let none = upgrade(&[]);
+        assert_eq!(websocket_key(&Method::GET, &none), Err(NotUpgrade::BadKey));
+        let two = upgrade(&[("sec-websocket-key", key), ("sec-websocket-key", key)]);
+        assert_eq!(websocket_key(&Method::GET, &two), Err(NotUpgrade::BadKey));
+    }
 }
