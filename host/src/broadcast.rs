@@ -503,7 +503,7 @@ fn each_route<'v>(
     records: &[Record],
     observed: &[Observed],
     devices: &DeviceEvents,
-    registry: &'v View<'_>,
+    registry: &'v View,
     mut each: impl FnMut(usize, DeviceIdx, &'v Topic),
 ) -> Tally {
     let mut t = Tally::default();

@@ -4,8 +4,17 @@
 //! record path. Subscribers are grouped by *audience* (topic + role + user id)
 //! so that a delivery-stage filter runs once per audience, never once per
 //! subscriber; without a delivery stage the groups are simply walked in turn.
+//!
+//! Copy on write: the record path takes the current [`View`] (an `Arc`,
+//! under a lock held for a reference count) and fans a whole batch out from
+//! it without holding any lock; a subscribe builds the next view beside it
+//! and swaps it in. Neither ever waits for the other: a fan-out to thousands
+//! of subscribers cannot stall a runtime worker that is subscribing, nor the
+//! other way round. A write copies one topic's member list and the map of
+//! topics (pointers), never the other topics' members.
 
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -23,12 +32,14 @@ pub struct Identity {
 }
 
 /// Subscribers of one topic with the same identity.
+#[derive(Clone)]
 pub struct Audience {
     pub identity: Arc<Identity>,
     pub members: Vec<(ConnId, Arc<Outbox>)>,
 }
 
-/// One subscribed topic.
+/// One subscribed topic, as of one view.
+#[derive(Clone)]
 pub struct Topic {
     pub idx: TopicIdx,
     pub event: Uuid,
@@ -47,63 +58,76 @@ impl Topic {
     }
 }
 
+/// Every subscribed topic at one moment; never changes once published.
 #[derive(Default)]
-struct Inner {
-    topics: FxHashMap<Uuid, Topic>,
-    indexes: FxHashMap<Uuid, TopicIdx>,
-    subscriptions: usize,
+pub struct View {
+    topics: FxHashMap<Uuid, Arc<Topic>>,
 }
 
-#[derive(Default)]
-pub struct Registry {
-    inner: RwLock<Inner>,
-}
-
-/// A read view for the record path, held for one batch.
-pub struct View<'a>(RwLockReadGuard<'a, Inner>);
-
-impl View<'_> {
+impl View {
     pub fn topic(&self, event: &Uuid) -> Option<&Topic> {
-        self.0.topics.get(event)
+        self.topics.get(event).map(|t| &**t)
     }
 
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        self.0.topics.is_empty()
+        self.topics.is_empty()
     }
 }
 
+#[derive(Default)]
+pub struct Registry {
+    current: RwLock<Arc<View>>,
+    /// Serializes writers: each builds on the view the previous one left.
+    writer: Mutex<()>,
+    indexes: Mutex<FxHashMap<Uuid, TopicIdx>>,
+    subscriptions: AtomicUsize,
+}
+
 impl Registry {
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    /// The current view, for one batch of the record path.
+    pub fn view(&self) -> Arc<View> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    pub fn view(&self) -> View<'_> {
-        View(self.inner.read().unwrap_or_else(|e| e.into_inner()))
+    /// Publishes the next view: `change` edits a copy of the topic of
+    /// `event` (`None` when it has no subscriber) and says whether it changed
+    /// anything.
+    fn update(&self, event: Uuid, change: impl FnOnce(&mut Option<Topic>) -> bool) -> bool {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let view = self.view();
+        let mut topic = view.topics.get(&event).map(|t| (**t).clone());
+        if !change(&mut topic) {
+            return false;
+        }
+        let mut topics = view.topics.clone();
+        match topic {
+            Some(t) if !t.audiences.is_empty() => {
+                topics.insert(event, Arc::new(t));
+            }
+            _ => {
+                topics.remove(&event);
+            }
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(View { topics });
+        true
     }
 
     /// The index of an event's topic, created on first use.
     pub fn topic_idx(&self, event: Uuid) -> TopicIdx {
-        if let Some(&i) = self
-            .inner
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .indexes
-            .get(&event)
-        {
-            return i;
-        }
-        let mut inner = self.write();
-        let next = inner.indexes.len() as TopicIdx;
-        *inner.indexes.entry(event).or_insert(next)
+        let mut indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
+        let next = indexes.len() as TopicIdx;
+        *indexes.entry(event).or_insert(next)
     }
 
     /// The index of an event's topic, if it was ever subscribed.
     pub fn existing_topic_idx(&self, event: Uuid) -> Option<TopicIdx> {
-        self.inner
-            .read()
+        self.indexes
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .indexes
             .get(&event)
             .copied()
     }
@@ -117,52 +141,55 @@ impl Registry {
         outbox: &Arc<Outbox>,
     ) -> bool {
         let idx = self.topic_idx(event);
-        let mut inner = self.write();
-        let topic = inner.topics.entry(event).or_insert_with(|| Topic {
-            idx,
-            event,
-            name: protocol::topic_of(event),
-            prefix: protocol::position_prefix(event),
-            audiences: Vec::new(),
+        let added = self.update(event, |topic| {
+            let topic = topic.get_or_insert_with(|| Topic {
+                idx,
+                event,
+                name: protocol::topic_of(event),
+                prefix: protocol::position_prefix(event),
+                audiences: Vec::new(),
+            });
+            if topic
+                .audiences
+                .iter()
+                .any(|a| a.members.iter().any(|(c, _)| *c == conn))
+            {
+                return false;
+            }
+            match topic.audiences.iter_mut().find(|a| a.identity == *identity) {
+                Some(a) => a.members.push((conn, outbox.clone())),
+                None => topic.audiences.push(Audience {
+                    identity: identity.clone(),
+                    members: vec![(conn, outbox.clone())],
+                }),
+            }
+            true
         });
-        if topic
-            .audiences
-            .iter()
-            .any(|a| a.members.iter().any(|(c, _)| *c == conn))
-        {
-            return false;
+        if added {
+            self.subscriptions.fetch_add(1, Ordering::Relaxed);
         }
-        match topic.audiences.iter_mut().find(|a| a.identity == *identity) {
-            Some(a) => a.members.push((conn, outbox.clone())),
-            None => topic.audiences.push(Audience {
-                identity: identity.clone(),
-                members: vec![(conn, outbox.clone())],
-            }),
-        }
-        inner.subscriptions += 1;
-        true
+        added
     }
 
     /// Removes a subscriber; false when it was not subscribed.
     pub fn unsubscribe(&self, event: Uuid, conn: ConnId) -> bool {
-        let mut inner = self.write();
-        let Some(topic) = inner.topics.get_mut(&event) else {
-            return false;
-        };
-        let mut removed = false;
-        for a in &mut topic.audiences {
-            if let Some(i) = a.members.iter().position(|(c, _)| *c == conn) {
-                a.members.swap_remove(i);
-                removed = true;
-                break;
+        let removed = self.update(event, |topic| {
+            let Some(topic) = topic else {
+                return false;
+            };
+            let mut removed = false;
+            for a in &mut topic.audiences {
+                if let Some(i) = a.members.iter().position(|(c, _)| *c == conn) {
+                    a.members.swap_remove(i);
+                    removed = true;
+                    break;
+                }
             }
-        }
-        topic.audiences.retain(|a| !a.members.is_empty());
-        if topic.audiences.is_empty() {
-            inner.topics.remove(&event);
-        }
+            topic.audiences.retain(|a| !a.members.is_empty());
+            removed
+        });
         if removed {
-            inner.subscriptions -= 1;
+            self.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
         removed
     }
@@ -170,9 +197,8 @@ impl Registry {
     /// The largest number of positions any subscriber has waiting.
     #[cfg(feature = "test-util")]
     pub fn max_pending_positions(&self) -> usize {
-        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        inner
-            .topics
+        let view = self.view();
+        view.topics
             .values()
             .flat_map(|t| t.subscribers())
             .map(|o| o.pending_positions())
@@ -183,10 +209,7 @@ impl Registry {
     /// Active subscriptions, all connections together.
     #[cfg(any(test, feature = "test-util"))]
     pub fn subscriptions(&self) -> usize {
-        self.inner
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .subscriptions
+        self.subscriptions.load(Ordering::Relaxed)
     }
 }
 
@@ -231,5 +254,36 @@ mod tests {
         assert!(r.view().is_empty());
         assert_eq!(r.subscriptions(), 0);
         assert_eq!(r.topic_idx(e), 0, "indexes outlive their subscribers");
+    }
+
+    #[test]
+    fn a_view_stays_as_it_was_while_others_change_the_registry() {
+        let r = Registry::default();
+        let e = Uuid::new_v4();
+        let o = Arc::new(Outbox::new(
+            crate::outbox::Limits {
+                control_bytes: 1024,
+                positions: 64,
+            },
+            None,
+        ));
+        let id = Arc::new(Identity::default());
+        r.subscribe(e, 1, &id, &o);
+        let batch = r.view();
+        // A subscribe and an unsubscribe while a batch fans out from its view.
+        assert!(r.subscribe(e, 2, &id, &o));
+        assert!(r.unsubscribe(e, 1));
+        assert_eq!(batch.topic(&e).map(|t| t.subscribers().count()), Some(1));
+        let now = r.view();
+        let members: Vec<ConnId> = now
+            .topic(&e)
+            .into_iter()
+            .flat_map(|t| {
+                t.audiences
+                    .iter()
+                    .flat_map(|a| a.members.iter().map(|m| m.0))
+            })
+            .collect();
+        assert_eq!(members, [2]);
     }
 }
