@@ -596,6 +596,7 @@ mod tests {
                 crate::outbox::Limits {
                     control_bytes: 1 << 20,
                     positions: 64,
+                    flush_interval: std::time::Duration::ZERO,
                 },
                 None,
             ));

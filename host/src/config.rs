@@ -58,6 +58,11 @@ pub struct Config {
     #[arg(long, env = "LIVE_WS_POSITION_BUDGET", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub live_ws_position_budget: u32,
 
+    /// A connection writes positions at most once per interval: those that
+    /// arrive within it of a write leave together at the next tick. 0: at once.
+    #[arg(long, env = "LIVE_WS_FLUSH_INTERVAL_MS", default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    pub live_ws_flush_interval_ms: u64,
+
     /// A client whose socket accepts nothing for this long is closed with 1008.
     #[arg(long, env = "LIVE_WS_SLOW_CLIENT_TIMEOUT_MS", default_value_t = 10_000, value_parser = positive_ms)]
     pub live_ws_slow_client_timeout_ms: u64,
@@ -216,6 +221,7 @@ impl Config {
         crate::outbox::Limits {
             control_bytes: self.live_ws_backpressure_threshold_bytes,
             positions: self.live_ws_position_budget as usize,
+            flush_interval: Duration::from_millis(self.live_ws_flush_interval_ms),
         }
     }
     pub fn snapshot_timeout(&self) -> Duration {

@@ -282,6 +282,11 @@ impl Conn {
             let blocked = self.outbox.stalled_since();
             let give_up =
                 blocked.map_or_else(|| Instant::now() + slow, |t| Instant::from_std(t) + slow);
+            // Positions that arrived within the flush interval of the last
+            // write leave at the tick, together; the record path does not
+            // wake a connection that has one coming.
+            let tick = self.outbox.next_tick();
+            let tick_at = tick.map_or_else(Instant::now, Instant::from_std);
 
             tokio::select! {
                 biased;
@@ -295,6 +300,7 @@ impl Conn {
                 }
                 // The socket drains: write the rest (at the top of the loop).
                 _ = socket.writable(), if blocked.is_some() => {}
+                _ = tokio::time::sleep_until(tick_at), if tick.is_some() && blocked.is_none() => {}
                 read = ws.read(&mut incoming), if self.requests.accepting() => {
                     last_seen = Instant::now();
                     match read {

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub records_unrouted: Counter,
     pub records_routed: Counter,
     pub deliveries: Counter,
+    pub socket_writes: Counter,
     pub conflated: Counter,
     pub consumer_lag: Gauge,
     pub consumer_errors: CounterFamily,
@@ -154,6 +155,11 @@ impl Metrics {
             deliveries: reg!(
                 "livecast_deliveries",
                 "Positions queued to subscribers",
+                Counter::default()
+            ),
+            socket_writes: reg!(
+                "livecast_socket_writes",
+                "Vectored writes to client sockets; deliveries per write shows how well writes coalesce",
                 Counter::default()
             ),
             conflated: reg!(

@@ -30,7 +30,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
@@ -58,13 +58,17 @@ const KEEP_QUEUE: usize = 64;
 /// a blocked socket can be conflated.
 const FRAMES_PER_WRITE: usize = 64;
 
-/// What one connection may hold back.
+/// What one connection may hold back, and how often it writes.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Unwritten control bytes past which the client is closed with 1008.
     pub control_bytes: usize,
     /// Unsent positions past which the queue is conflated.
     pub positions: usize,
+    /// Positions are written at most once per interval: those that arrive
+    /// within it of a write wait for the next tick and leave together, in
+    /// one vectored write. Zero: every wake-up writes.
+    pub flush_interval: Duration,
 }
 
 #[derive(Default)]
@@ -88,13 +92,13 @@ struct Inner {
     held: Vec<TopicIdx>,
     /// Positions of held topics: the newest per key.
     held_slots: FxHashMap<u64, Pending>,
-    /// Frames committed to the socket, in order, and how much of the first
-    /// one is written: a write cut short resumes exactly where it stopped.
-    wire: VecDeque<OutFrame>,
-    written: usize,
-    /// Since when the socket has taken no byte while there was something to
-    /// write; `None` while it keeps up or makes progress.
-    stalled_since: Option<Instant>,
+    /// The writer holds frames the socket did not take yet: it waits for
+    /// the socket, and will write what is queued when it drains.
+    backlog: bool,
+    /// Until when positions wait for the connection's next tick (a write
+    /// happened less than the flush interval ago). While set, the task has a
+    /// timer for it, so a push needs no wake-up.
+    cool_until: Option<Instant>,
     overflow: bool,
     /// A close frame is queued: nothing may follow it on the wire.
     closing: bool,
@@ -124,9 +128,27 @@ pub enum Floor {
     Skip,
 }
 
+/// What only the connection's task touches: the frames committed to the
+/// socket, in order, and how much of the first one is written (a write cut
+/// short resumes exactly where it stopped). Apart from the queues, so that
+/// the record path never waits for a write in progress.
+#[derive(Default)]
+struct Wire {
+    frames: VecDeque<OutFrame>,
+    written: usize,
+    /// Since when the socket has taken no byte while there was something to
+    /// write; `None` while it keeps up or makes progress.
+    stalled_since: Option<Instant>,
+}
+
 impl Inner {
+    /// Whether the task will write without being woken: something is
+    /// queued for it, it waits for its socket, or its tick is due.
     fn has_work(&self) -> bool {
-        !self.control.is_empty() || !self.queue.is_empty() || !self.wire.is_empty()
+        !self.control.is_empty()
+            || !self.queue.is_empty()
+            || self.backlog
+            || self.cool_until.is_some()
     }
 
     /// Whether a position at `ts` is not newer than what the client has or
@@ -183,15 +205,31 @@ impl Inner {
         }
     }
 
-    /// Moves what may be sent into the (empty) wire queue: control first,
-    /// then the oldest queued positions, a write's worth. Only an empty wire
-    /// takes more, so that while a socket is blocked positions stay in the
-    /// queue, where conflation can still replace them.
-    fn stage(&mut self) {
-        if !self.wire.is_empty() || self.closing {
-            return;
+    /// Moves what may be sent into the (empty) wire: control first, then
+    /// the oldest queued positions, a write's worth, unless they wait for
+    /// the next tick. Only an empty wire takes more, so that while a socket
+    /// is blocked positions stay in the queue, where conflation can still
+    /// replace them. Returns whether it moved positions.
+    fn stage(&mut self, wire: &mut VecDeque<OutFrame>, now: Instant) -> bool {
+        if self.closing {
+            return false;
         }
-        self.wire.extend(self.control.drain(..));
+        let control = !self.control.is_empty();
+        wire.extend(self.control.drain(..));
+        let tick_due = self.cool_until.is_none_or(|t| t <= now);
+        if self.queue.is_empty() {
+            if tick_due {
+                // A tick with nothing to send: the quiet period begins, and
+                // the next position goes out at once.
+                self.cool_until = None;
+            }
+            return false;
+        }
+        // A control message goes out at once, and takes the positions
+        // queued before it along.
+        if !control && !tick_due {
+            return false;
+        }
         let take = self.queue.len().min(FRAMES_PER_WRITE);
         for p in self.queue.drain(..take) {
             if p.floor == Floor::Keep {
@@ -207,11 +245,12 @@ impl Inner {
                 self.newest.remove(&p.key);
             }
             self.head += 1;
-            self.wire.push_back(OutFrame::text(p.msg));
+            wire.push_back(OutFrame::text(p.msg));
         }
         if self.queue.is_empty() {
             self.conflating = false;
         }
+        true
     }
 
     fn shrink_when_idle(&mut self) {
@@ -221,13 +260,13 @@ impl Inner {
         if self.held_slots.is_empty() && self.held_slots.capacity() > KEEP_SLOTS {
             self.held_slots = FxHashMap::default();
         }
-        if self.queue.is_empty() && self.queue.capacity() > KEEP_QUEUE {
-            self.queue = VecDeque::new();
-        }
-        for q in [&mut self.wire, &mut self.control] {
+        for q in [&mut self.queue] {
             if q.is_empty() && q.capacity() > KEEP_QUEUE {
                 *q = VecDeque::new();
             }
+        }
+        if self.control.is_empty() && self.control.capacity() > KEEP_QUEUE {
+            self.control = VecDeque::new();
         }
     }
 }
@@ -271,19 +310,30 @@ pub enum Flushed {
     Gone,
 }
 
+/// Where an outbox writes: the client's socket, and the count of writes
+/// made to it (each a vectored `writev`).
+pub struct Socket {
+    pub stream: Arc<TcpStream>,
+    pub writes: prometheus_client::metrics::counter::Counter,
+}
+
 /// The queue. Shared by the record path and the connection's task.
 pub struct Outbox {
     inner: Mutex<Inner>,
+    /// Locked by the connection's task alone (always before `inner` when
+    /// both are taken).
+    wire: Mutex<Wire>,
     notify: Notify,
     limits: Limits,
-    socket: Option<Arc<TcpStream>>,
+    socket: Option<Socket>,
 }
 
 impl Outbox {
     /// An outbox writing to `socket` (`None`: nothing is written, for tests).
-    pub fn new(limits: Limits, socket: Option<Arc<TcpStream>>) -> Self {
+    pub fn new(limits: Limits, socket: Option<Socket>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
+            wire: Mutex::new(Wire::default()),
             notify: Notify::new(),
             limits,
             socket,
@@ -294,6 +344,10 @@ impl Outbox {
         // A panic while holding the lock cannot leave the queue inconsistent
         // in a way that matters more than losing the connection's messages.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wire(&self) -> std::sync::MutexGuard<'_, Wire> {
+        self.wire.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a position of `device` on `topic`. `msg` is shared with every
@@ -476,52 +530,78 @@ impl Outbox {
         let Some(socket) = &self.socket else {
             return Flushed::Gone;
         };
-        self.flush_with(|slices| socket.try_write_vectored(slices))
+        self.flush_with(|slices| {
+            socket.writes.inc();
+            socket.stream.try_write_vectored(slices)
+        })
     }
 
     /// [`Outbox::flush`] over any writer (tests write to memory).
-    pub fn flush_with(
+    ///
+    /// The socket is written without the queue's lock: the record path
+    /// keeps pushing meanwhile.
+    pub fn flush_with(&self, write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>) -> Flushed {
+        self.flush_at(Instant::now(), write)
+    }
+
+    fn flush_at(
         &self,
+        now: Instant,
         mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
     ) -> Flushed {
-        let mut inner = self.lock();
-        if inner.closed {
-            return Flushed::Gone;
-        }
-        if inner.overflow {
-            return Flushed::Overflow;
-        }
-        let mut progress = false;
+        let mut wire = self.wire();
+        let (mut progress, mut positions) = (false, false);
+        // Control payload bytes written, to take off the backlog.
+        let mut control_done = 0;
         let result = loop {
-            inner.stage();
-            if inner.wire.is_empty() {
-                break Flushed::Done;
+            if wire.frames.is_empty() {
+                let mut inner = self.lock();
+                if inner.closed {
+                    break Flushed::Gone;
+                }
+                if inner.overflow {
+                    break Flushed::Overflow;
+                }
+                positions |= inner.stage(&mut wire.frames, now);
+                if wire.frames.is_empty() {
+                    break Flushed::Done;
+                }
             }
             let mut slices = [IoSlice::new(&[]); 2 * FRAMES_PER_WRITE];
-            let used = ws::slices(&inner.wire, inner.written, &mut slices);
+            let used = ws::slices(&wire.frames, wire.written, &mut slices);
             match write(&slices[..used]) {
                 Ok(0) => break Flushed::Gone,
                 Ok(n) => {
                     progress = true;
-                    let Inner { wire, written, .. } = &mut *inner;
-                    let done = ws::consume(wire, written, n);
-                    inner.control_bytes = inner.control_bytes.saturating_sub(done);
+                    let Wire {
+                        frames, written, ..
+                    } = &mut *wire;
+                    control_done += ws::consume(frames, written, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Flushed::Blocked,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break Flushed::Gone,
             }
         };
+        let mut inner = self.lock();
+        inner.control_bytes = inner.control_bytes.saturating_sub(control_done);
+        inner.backlog = !wire.frames.is_empty();
+        if positions && !self.limits.flush_interval.is_zero() {
+            inner.cool_until = Some(now + self.limits.flush_interval);
+        }
         match result {
             // The slow-client timeout counts time without progress: a client
             // on a weak link that takes bytes all the time, without ever
             // emptying its queue, is not stuck.
-            Flushed::Blocked if progress => inner.stalled_since = Some(Instant::now()),
+            Flushed::Blocked if progress => wire.stalled_since = Some(now),
             Flushed::Blocked => {
-                inner.stalled_since.get_or_insert_with(Instant::now);
+                wire.stalled_since.get_or_insert(now);
             }
             Flushed::Done => {
-                inner.stalled_since = None;
+                wire.stalled_since = None;
+                if wire.frames.capacity() > KEEP_QUEUE {
+                    wire.frames = VecDeque::new();
+                }
                 inner.shrink_when_idle();
             }
             _ => {}
@@ -529,19 +609,26 @@ impl Outbox {
         result
     }
 
+    /// When positions queued now will be written at the latest: the
+    /// connection's next tick, if it has one.
+    pub fn next_tick(&self) -> Option<Instant> {
+        self.lock().cool_until
+    }
+
     /// Drops everything not yet started on the wire and queues `frame` (a
     /// close) in its place; a frame half written is finished first, so the
     /// client still reads whole frames.
     pub fn replace_with_close(&self, frame: OutFrame) {
-        let mut inner = self.lock();
-        let started = if inner.written > 0 {
-            inner.wire.pop_front()
+        let mut wire = self.wire();
+        let started = if wire.written > 0 {
+            wire.frames.pop_front()
         } else {
             None
         };
-        inner.wire.clear();
-        inner.wire.extend(started);
-        inner.wire.push_back(frame);
+        wire.frames.clear();
+        wire.frames.extend(started);
+        wire.frames.push_back(frame);
+        let mut inner = self.lock();
         inner.control.clear();
         inner.control_bytes = 0;
         inner.queue.clear();
@@ -559,7 +646,7 @@ impl Outbox {
     /// Since when the socket has taken nothing while there was something to
     /// write, if it has.
     pub fn stalled_since(&self) -> Option<Instant> {
-        self.lock().stalled_since
+        self.wire().stalled_since
     }
 
     /// Positions waiting to be sent.
@@ -577,6 +664,7 @@ impl Outbox {
 
     /// Refuses further pushes and frees the queue.
     pub fn close(&self) {
+        *self.wire() = Wire::default();
         let mut inner = self.lock();
         *inner = Inner {
             closed: true,
@@ -594,6 +682,7 @@ mod tests {
             Limits {
                 control_bytes: 1 << 20,
                 positions,
+                flush_interval: Duration::ZERO,
             },
             None,
         )
@@ -780,6 +869,7 @@ mod tests {
             Limits {
                 control_bytes: 8,
                 positions: 64,
+                flush_interval: std::time::Duration::ZERO,
             },
             None,
         );
@@ -886,5 +976,96 @@ mod tests {
         // A few bytes taken: progress, the stall starts again.
         assert_eq!(o.flush_with(trickle(&mut wire, 5)), Flushed::Blocked);
         assert!(o.stalled_since().expect("still stalled") > first);
+    }
+
+    /// Flushes at `now` into memory; the text frames written, in write
+    /// calls.
+    fn writes_at(o: &Outbox, now: Instant) -> Vec<Vec<String>> {
+        let mut calls = Vec::new();
+        let result = o.flush_at(now, |slices| {
+            let mut wire = Vec::new();
+            for s in slices {
+                wire.extend_from_slice(s);
+            }
+            calls.push(frames(&wire));
+            Ok(wire.len())
+        });
+        assert_eq!(result, Flushed::Done);
+        calls
+    }
+
+    fn coalescing(interval_ms: u64) -> Outbox {
+        Outbox::new(
+            Limits {
+                control_bytes: 1 << 20,
+                positions: 64,
+                flush_interval: Duration::from_millis(interval_ms),
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn positions_within_the_interval_of_a_write_leave_together_at_the_tick() {
+        let o = coalescing(20);
+        let t0 = Instant::now();
+        // After a quiet period the first position goes out at once.
+        assert_eq!(
+            o.push_kept(0, 1, 1, &b("a1")),
+            Pushed::Queued { first: true }
+        );
+        assert_eq!(writes_at(&o, t0), [["a1"]]);
+        assert_eq!(o.next_tick(), Some(t0 + Duration::from_millis(20)));
+        // Within the interval: nobody is woken, nothing is written.
+        assert_eq!(
+            o.push_kept(0, 1, 2, &b("a2")),
+            Pushed::Queued { first: false }
+        );
+        assert_eq!(
+            o.push_kept(0, 2, 1, &b("b1")),
+            Pushed::Queued { first: false }
+        );
+        assert!(writes_at(&o, t0 + Duration::from_millis(5)).is_empty());
+        // At the tick, in one write, in order.
+        let tick = t0 + Duration::from_millis(20);
+        assert_eq!(writes_at(&o, tick), [["a2", "b1"]]);
+        assert_eq!(o.next_tick(), Some(tick + Duration::from_millis(20)));
+        // A tick with nothing to send ends the active period: the next
+        // position wakes the connection and goes out at once.
+        assert!(writes_at(&o, tick + Duration::from_millis(20)).is_empty());
+        assert_eq!(o.next_tick(), None);
+        assert_eq!(
+            o.push_kept(0, 1, 3, &b("a3")),
+            Pushed::Queued { first: true }
+        );
+        assert_eq!(writes_at(&o, tick + Duration::from_millis(21)), [["a3"]]);
+    }
+
+    #[test]
+    fn a_control_message_does_not_wait_for_the_tick() {
+        let o = coalescing(20);
+        let t0 = Instant::now();
+        o.push_kept(0, 1, 1, &b("a1"));
+        assert_eq!(writes_at(&o, t0), [["a1"]]);
+        o.push_kept(0, 1, 2, &b("a2"));
+        o.push_control(b("subscribed"));
+        assert_eq!(
+            writes_at(&o, t0 + Duration::from_millis(1)),
+            [["subscribed", "a2"]]
+        );
+    }
+
+    #[test]
+    fn without_an_interval_every_flush_writes() {
+        let o = coalescing(0);
+        let t0 = Instant::now();
+        o.push_kept(0, 1, 1, &b("a1"));
+        assert_eq!(writes_at(&o, t0), [["a1"]]);
+        assert_eq!(
+            o.push_kept(0, 1, 2, &b("a2")),
+            Pushed::Queued { first: true }
+        );
+        assert_eq!(writes_at(&o, t0), [["a2"]]);
+        assert_eq!(o.next_tick(), None);
     }
 }

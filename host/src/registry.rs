@@ -225,6 +225,7 @@ mod tests {
             crate::outbox::Limits {
                 control_bytes: 1024,
                 positions: 64,
+                flush_interval: std::time::Duration::ZERO,
             },
             None,
         ));
@@ -264,6 +265,7 @@ mod tests {
             crate::outbox::Limits {
                 control_bytes: 1024,
                 positions: 64,
+                flush_interval: std::time::Duration::ZERO,
             },
             None,
         ));

@@ -37,7 +37,7 @@ use crate::directus::{Credential, User};
 use crate::filter::{Chain, ChainSpec, reload};
 use crate::ids::ConnId;
 use crate::metrics::{Counted, Metrics};
-use crate::outbox::Outbox;
+use crate::outbox::{self, Outbox};
 use crate::state::Shared;
 use crate::ws::WebSocket;
 
@@ -584,7 +584,10 @@ async fn serve_upgraded(
     drop(read_buf);
     let outbox = Arc::new(Outbox::new(
         conn_shared.config.outbox_limits(),
-        Some(socket),
+        Some(outbox::Socket {
+            stream: socket,
+            writes: conn_shared.metrics.socket_writes.clone(),
+        }),
     ));
     connection::serve(conn_shared, ws, outbox, user, credential, id).await;
 }

@@ -405,3 +405,49 @@ async fn a_snapshot_row_newer_than_the_stream_is_not_undercut_by_a_late_record()
         "never older than the snapshot"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_coalesce_into_few_writes_and_keep_their_order() {
+    const DEVICES: usize = 5;
+    const ROUNDS: i64 = 20;
+    let env = TestEnv::new().await;
+    let imeis: Vec<String> = (0..DEVICES).map(|i| format!("35630704247{i:04}")).collect();
+    let refs: Vec<&str> = imeis.iter().map(String::as_str).collect();
+    let event = env.event(&refs).await;
+    env.user("u", None, &[event]);
+    let mut config = env.config();
+    config.live_ws_flush_interval_ms = 100;
+    let host = env.start_host_with(config).await;
+    let mut c = host.connect(&cookie("u")).await;
+    c.subscribe(event, "s").await;
+    let writes_before = host.metrics.socket_writes.get();
+
+    // One record every 2 ms or so, each read on its own by the host: without
+    // coalescing, each would be its own write.
+    let t0 = now_ms();
+    for r in 0..ROUNDS {
+        for imei in &imeis {
+            env.publish(&payload(imei, t0 + r, 1.0, 1.0)).await;
+        }
+    }
+    let last = imeis.last().expect("devices").clone();
+    let got = c
+        .positions_until(SOON, |got| has(got, &last, t0 + ROUNDS - 1))
+        .await;
+    assert_eq!(got.len(), DEVICES * ROUNDS as usize, "every record arrives");
+    for imei in &imeis {
+        let ts: Vec<i64> = got
+            .iter()
+            .filter(|p| p["deviceId"] == imei.as_str())
+            .filter_map(|p| p["ts"].as_i64())
+            .collect();
+        let want: Vec<i64> = (0..ROUNDS).map(|r| t0 + r).collect();
+        assert_eq!(ts, want, "{imei}: every position, in order");
+    }
+    let writes = host.metrics.socket_writes.get() - writes_before;
+    assert!(
+        writes * 4 <= (DEVICES * ROUNDS as usize) as u64,
+        "{writes} writes for {} positions",
+        DEVICES * ROUNDS as usize
+    );
+}
