@@ -42,6 +42,12 @@ use crate::ws::WebSocket;
 /// Largest client frame accepted (close 1009 past it).
 pub const MAX_CLIENT_FRAME: usize = 16 * 1024;
 
+/// Plain HTTP responses the WebSocket listener gives, by method and path,
+/// besides the upgrade paths. Only `livecast demo` (and the tests that stand
+/// in for it) hands the host any, so that its map page shares the origin of
+/// `/ws-live` as it would behind the TRM proxy; production serves none.
+pub type Pages = Arc<dyn Fn(&Method, &str) -> Option<Response> + Send + Sync>;
+
 /// State shared by the listeners, the connections and the background tasks.
 pub struct Shared {
     pub config: Config,
@@ -69,6 +75,7 @@ pub struct Host {
     redis: redis::Client,
     ws_listener: TcpListener,
     metrics_listener: TcpListener,
+    pages: Option<Pages>,
 }
 
 /// Installs the process-wide TLS crypto provider (ring) for Directus and
@@ -139,7 +146,13 @@ impl Host {
             redis,
             ws_listener,
             metrics_listener,
+            pages: None,
         })
+    }
+
+    /// Serves `pages` on the WebSocket listener (see [`Pages`]).
+    pub fn serve_pages(&mut self, pages: Pages) {
+        self.pages = Some(pages);
     }
 
     pub fn ws_addr(&self) -> SocketAddr {
@@ -175,6 +188,7 @@ impl Host {
             redis,
             ws_listener,
             metrics_listener,
+            pages,
         } = self;
         let config = &shared.config;
         let background = CancellationToken::new();
@@ -231,7 +245,7 @@ impl Host {
             background.clone(),
         ));
 
-        let ws_server = tokio::spawn(serve_websockets(ws_listener, shared.clone()));
+        let ws_server = tokio::spawn(serve_websockets(ws_listener, shared.clone(), pages));
         let ops_app = Router::new()
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
@@ -346,7 +360,7 @@ fn plain(status: StatusCode, body: &'static str) -> Response {
 /// directly so that an upgraded connection is the bare `TcpStream` (the
 /// WebSocket layer writes to it without another buffer in between). It
 /// stops accepting when the host starts shutting down.
-async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
+async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>, pages: Option<Pages>) {
     let stop = shared.shutdown.clone();
     loop {
         let tcp = tokio::select! {
@@ -364,13 +378,17 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
         // Positions are small and latency matters: no Nagle delay.
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
+        let pages = pages.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
+                let pages = pages.clone();
                 async move {
                     let response = match req.uri().path() {
                         "/" | "/ws-live" => upgrade(shared, req).await,
-                        _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+                        path => pages
+                            .and_then(|p| p(req.method(), path))
+                            .unwrap_or_else(|| plain(StatusCode::NOT_FOUND, "not found\n")),
                     };
                     Ok::<_, std::convert::Infallible>(response)
                 }
