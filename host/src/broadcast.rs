@@ -14,7 +14,7 @@
 //!
 //! The thread owns the filter chain, so it also runs the chain over
 //! snapshots (so a subscriber sees at subscribe time what the same rules let
-//! through live) and swaps in a reloaded chain between two batches.
+//! through live) and swaps in a reloaded chain between two pieces of work.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::devices::{DeviceEvents, DeviceMap};
 use crate::filter::{AudienceRef, Chain, Decided, Record};
-use crate::latest::{DeviceIdx, Latest, LatestPositions, Observed};
+use crate::ids::{DeviceIdx, TopicIdx};
+use crate::latest::{Latest, LatestPositions, Observed};
 use crate::metrics::Metrics;
 use crate::outbox::{Floor, Outbox, Pushed};
 use crate::protocol;
@@ -44,8 +45,6 @@ pub struct StreamEntry {
 pub enum Work {
     /// A batch read from the stream.
     Batch(Vec<StreamEntry>),
-    /// A reloaded chain, to use from the next batch on.
-    Swap(Box<Chain>),
     /// Run the chain over a snapshot.
     Snapshot(SnapshotJob),
     /// The host is stopping.
@@ -81,6 +80,10 @@ pub struct Broadcaster {
     pub devices: Arc<DeviceMap>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// The device map the latest positions were last pruned against.
+    map: Arc<DeviceEvents>,
+    /// Larger stream entries are skipped as malformed (`too_large`).
+    max_record_bytes: usize,
     malformed_log: LogLimiter,
     // Reused between batches.
     records: Vec<Record>,
@@ -106,9 +109,83 @@ impl Tally {
                 self.deliveries += 1;
                 self.conflated += 1;
             }
+            Pushed::Shed(n) => {
+                self.deliveries += 1;
+                self.conflated += n as u64;
+            }
             Pushed::Stale | Pushed::Closed => {}
         }
     }
+}
+
+/// What one batch hands to subscribers: the positions pushed into their
+/// outboxes, counted, and the outboxes to wake once the whole batch is in
+/// (so a client gets the batch in one write).
+struct Delivery<'v> {
+    tally: Tally,
+    /// Outboxes this batch gave their first thing to send.
+    dirty: Vec<&'v Arc<Outbox>>,
+}
+
+impl<'v> Delivery<'v> {
+    fn new() -> Self {
+        Self {
+            tally: Tally::default(),
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Adds the routing counts (records stale, unrouted, routed).
+    fn tally(mut self, routing: Tally) -> Self {
+        self.tally.stale += routing.stale;
+        self.tally.unrouted += routing.unrouted;
+        self.tally.routed += routing.routed;
+        self
+    }
+
+    /// Queues one position for one subscriber.
+    fn push(&mut self, outbox: &'v Arc<Outbox>, topic: TopicIdx, position: Queued<'_>) {
+        let p = outbox.push_position(
+            topic,
+            position.device,
+            position.ts,
+            position.msg,
+            position.floor,
+        );
+        if p == (Pushed::Queued { first: true }) {
+            self.dirty.push(outbox);
+        }
+        self.tally.pushed(p);
+    }
+
+    /// Counts the batch in the metrics, then wakes the connections it gave
+    /// work to. In this order, so a record a client has seen is always
+    /// counted by then.
+    ///
+    /// Each connection is woken once, after the whole batch: its task then
+    /// writes the batch in one syscall, and the writes of a thousand clients
+    /// run on every core of the runtime (writing them here, on one thread,
+    /// lost that batching; see docs/benchmarks.md).
+    fn finish(self, metrics: &Metrics) {
+        let t = &self.tally;
+        metrics.records_stale.inc_by(t.stale);
+        metrics.records_unrouted.inc_by(t.unrouted);
+        metrics.records_routed.inc_by(t.routed);
+        metrics.deliveries.inc_by(t.deliveries);
+        metrics.conflated.inc_by(t.conflated);
+        for outbox in self.dirty {
+            outbox.wake();
+        }
+    }
+}
+
+/// One position as pushed to each subscriber of a topic.
+#[derive(Clone, Copy)]
+struct Queued<'m> {
+    device: DeviceIdx,
+    ts: i64,
+    msg: &'m Bytes,
+    floor: Floor,
 }
 
 /// A (record, topic, audience) the delivery stage decides on.
@@ -126,13 +203,16 @@ impl Broadcaster {
         devices: Arc<DeviceMap>,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
+        max_record_bytes: usize,
     ) -> Self {
         Self {
             chain,
             latest,
+            map: devices.current(),
             devices,
             registry,
             metrics,
+            max_record_bytes,
             malformed_log: LogLimiter::new(Duration::from_secs(10)),
             records: Vec::new(),
             bodies: Vec::new(),
@@ -140,12 +220,15 @@ impl Broadcaster {
         }
     }
 
-    /// Runs until told to stop (or every sender is gone).
-    pub fn run(mut self, mut work: mpsc::Receiver<Work>) {
+    /// Runs until told to stop (or every sender is gone). A reloaded chain
+    /// (from `filter::reload`) is swapped in before the next piece of work.
+    pub fn run(mut self, mut work: mpsc::Receiver<Work>, mut chains: mpsc::Receiver<Box<Chain>>) {
         while let Some(w) = work.blocking_recv() {
+            while let Ok(chain) = chains.try_recv() {
+                self.chain = *chain;
+            }
             match w {
                 Work::Batch(batch) => self.process(batch),
-                Work::Swap(chain) => self.chain = *chain,
                 Work::Snapshot(job) => self.snapshot(job),
                 Work::Stop => return,
             }
@@ -158,7 +241,7 @@ impl Broadcaster {
         let mut records = std::mem::take(&mut self.records);
         records.clear();
         for entry in batch {
-            match decode(entry) {
+            match decode(entry, self.max_record_bytes) {
                 Ok(r) => records.push(r),
                 Err((id, why)) => self.skip(&id, why),
             }
@@ -169,35 +252,30 @@ impl Broadcaster {
         let mut bodies = std::mem::take(&mut self.bodies);
         bodies.clear();
         bodies.extend(records.iter().map(|r| r.position.body()));
+        let devices = self.devices.current();
+        if !Arc::ptr_eq(&devices, &self.map) {
+            self.latest.forget_unregistered(&devices);
+            self.map = devices.clone();
+        }
         let mut observed = std::mem::take(&mut self.observed);
         self.latest.observe(
             records
                 .iter()
                 .zip(&bodies)
                 .map(|(r, b)| (&*r.position.device, r.position.ts_ms, b, &r.payload)),
+            &devices,
             &mut observed,
         );
 
         if self.chain.has_delivery() {
-            self.route_per_audience(&records, &bodies, &observed);
+            self.route_per_audience(&records, &bodies, &observed, &devices);
         } else {
-            self.route(&records, &bodies, &observed);
+            self.route(&records, &bodies, &observed, &devices);
         }
 
         self.records = records;
         self.bodies = bodies;
         self.observed = observed;
-    }
-
-    /// Adds a batch's counts to the metrics. Called before the outboxes are
-    /// woken, so a record a client has seen is always counted by then.
-    fn count(&self, t: &Tally) {
-        let m = &self.metrics;
-        m.records_stale.inc_by(t.stale);
-        m.records_unrouted.inc_by(t.unrouted);
-        m.records_routed.inc_by(t.routed);
-        m.deliveries.inc_by(t.deliveries);
-        m.conflated.inc_by(t.conflated);
     }
 
     fn skip(&mut self, id: &str, why: Malformed) {
@@ -209,28 +287,28 @@ impl Broadcaster {
 
     /// Without a delivery stage: one message per (record, topic), the same
     /// bytes for every subscriber.
-    fn route(&self, records: &[Record], bodies: &[Bytes], observed: &[Observed]) {
-        let mut t = Tally::default();
-        let devices = self.devices.current();
+    fn route(
+        &self,
+        records: &[Record],
+        bodies: &[Bytes],
+        observed: &[Observed],
+        devices: &DeviceEvents,
+    ) {
         let registry = self.registry.view();
-        // Outboxes this batch gave something to send.
-        let mut dirty: Vec<&Arc<Outbox>> = Vec::new();
-        each_route(
-            records,
-            observed,
-            &devices,
-            &registry,
-            &mut t,
-            |t, i, device, topic| {
-                let msg = protocol::position(&topic.prefix, &bodies[i]);
-                let ts = records[i].position.ts_ms;
-                for outbox in topic.subscribers() {
-                    push(outbox, topic, device, ts, &msg, Floor::Skip, &mut dirty, t);
-                }
-            },
-        );
-        self.count(&t);
-        wake(&dirty);
+        let mut out = Delivery::new();
+        let routing = each_route(records, observed, devices, &registry, |i, device, topic| {
+            let msg = protocol::position(&topic.prefix, &bodies[i]);
+            let position = Queued {
+                device,
+                ts: records[i].position.ts_ms,
+                msg: &msg,
+                floor: Floor::Skip,
+            };
+            for outbox in topic.subscribers() {
+                out.push(outbox, topic.idx, position);
+            }
+        });
+        out.tally(routing).finish(&self.metrics);
     }
 
     /// With a delivery stage: the chain decides per (record, audience), in
@@ -239,42 +317,36 @@ impl Broadcaster {
     /// audience. The registry is not locked while plugins run (subscribes
     /// would wait on them): the pairs are collected, decided, then pushed to
     /// whoever subscribes to each audience by then.
-    fn route_per_audience(&mut self, records: &[Record], bodies: &[Bytes], observed: &[Observed]) {
-        let mut t = Tally::default();
-        let devices = self.devices.current();
+    fn route_per_audience(
+        &mut self,
+        records: &[Record],
+        bodies: &[Bytes],
+        observed: &[Observed],
+        devices: &DeviceEvents,
+    ) {
         let mut pairs: Vec<Pair> = Vec::new();
         // The batch's distinct audiences: (event, topic name, identity).
         let mut audiences: Vec<(uuid::Uuid, String, Arc<Identity>)> = Vec::new();
+        let routing;
         {
             let registry = self.registry.view();
             let mut audience_index: FxHashMap<(u32, usize), u32> = FxHashMap::default();
-            each_route(
-                records,
-                observed,
-                &devices,
-                &registry,
-                &mut t,
-                |_, i, device, topic| {
-                    for (a, group) in topic.audiences.iter().enumerate() {
-                        let audience = *audience_index.entry((topic.idx, a)).or_insert_with(|| {
-                            audiences.push((
-                                topic.event,
-                                topic.name.clone(),
-                                group.identity.clone(),
-                            ));
-                            (audiences.len() - 1) as u32
-                        });
-                        pairs.push(Pair {
-                            record: i,
-                            device,
-                            audience,
-                        });
-                    }
-                },
-            );
+            routing = each_route(records, observed, devices, &registry, |i, device, topic| {
+                for (a, group) in topic.audiences.iter().enumerate() {
+                    let audience = *audience_index.entry((topic.idx, a)).or_insert_with(|| {
+                        audiences.push((topic.event, topic.name.clone(), group.identity.clone()));
+                        (audiences.len() - 1) as u32
+                    });
+                    pairs.push(Pair {
+                        record: i,
+                        device,
+                        audience,
+                    });
+                }
+            });
         }
         if pairs.is_empty() {
-            self.count(&t);
+            Delivery::new().tally(routing).finish(&self.metrics);
             return;
         }
         let refs: Vec<AudienceRef<'_>> = audiences
@@ -304,7 +376,7 @@ impl Broadcaster {
             })
             .collect();
         let mut shared: Option<(usize, u32, Bytes)> = None;
-        let mut dirty: Vec<&Arc<Outbox>> = Vec::new();
+        let mut out = Delivery::new();
         for (p, d) in pairs.iter().zip(decided) {
             if matches!(d, Decided::Drop) {
                 continue;
@@ -332,21 +404,17 @@ impl Broadcaster {
                     r.position.ts_ms,
                 ),
             };
+            let position = Queued {
+                device: p.device,
+                ts,
+                msg: &msg,
+                floor: Floor::Keep,
+            };
             for (_, outbox) in &group.members {
-                push(
-                    outbox,
-                    topic,
-                    p.device,
-                    ts,
-                    &msg,
-                    Floor::Keep,
-                    &mut dirty,
-                    &mut t,
-                );
+                out.push(outbox, topic.idx, position);
             }
         }
-        self.count(&t);
-        wake(&dirty);
+        out.tally(routing).finish(&self.metrics);
     }
 
     /// Passes a snapshot through the chain: the record stage over database
@@ -415,10 +483,12 @@ impl Broadcaster {
                     body: l.body,
                     floor,
                 }),
+                // Keyed by the device the entry is for: a plugin's
+                // replacement cannot make the host index a name it invents.
                 Decided::Replace(r) => Some(SnapshotEntry {
                     body: r.position.body(),
                     ts_ms: r.position.ts_ms,
-                    device: r.position.device,
+                    device,
                     floor: Floor::Keep,
                 }),
             })
@@ -427,75 +497,263 @@ impl Broadcaster {
     }
 }
 
-/// Calls `each(tally, record, device, topic)` for every subscribed topic of
-/// every record worth routing, counting what is not.
+/// Calls `each(record, device, topic)` for every subscribed topic of every
+/// record worth routing; returns the records stale, unrouted and routed.
 fn each_route<'v>(
     records: &[Record],
     observed: &[Observed],
     devices: &DeviceEvents,
     registry: &'v View<'_>,
-    t: &mut Tally,
-    mut each: impl FnMut(&mut Tally, usize, DeviceIdx, &'v Topic),
-) {
+    mut each: impl FnMut(usize, DeviceIdx, &'v Topic),
+) -> Tally {
+    let mut t = Tally::default();
     for (i, (record, seen)) in records.iter().zip(observed).enumerate() {
-        let Observed::Newer(device) = *seen else {
-            t.stale += 1;
-            continue;
+        let device = match *seen {
+            Observed::Newer(device) => device,
+            Observed::Stale => {
+                t.stale += 1;
+                continue;
+            }
+            Observed::Unrouted => {
+                t.unrouted += 1;
+                continue;
+            }
         };
         let events = devices.events_of(&record.position.device);
-        if events.is_empty() {
-            t.unrouted += 1;
-            continue;
-        }
         let mut reached = false;
         for topic in events.iter().filter_map(|e| registry.topic(e)) {
             reached = true;
-            each(t, i, device, topic);
+            each(i, device, topic);
         }
         t.routed += u64::from(reached);
     }
+    t
 }
 
-/// Queues one position for one subscriber, noting an outbox that now has
-/// something to send.
-#[allow(clippy::too_many_arguments)]
-fn push<'v>(
-    outbox: &'v Arc<Outbox>,
-    topic: &Topic,
-    device: DeviceIdx,
-    ts: i64,
-    msg: &Bytes,
-    floor: Floor,
-    dirty: &mut Vec<&'v Arc<Outbox>>,
-    t: &mut Tally,
-) {
-    let p = outbox.push_position(topic.idx, device, ts, msg, floor);
-    if p == (Pushed::Queued { first: true }) {
-        dirty.push(outbox);
-    }
-    t.pushed(p);
-}
-
-/// Hands each connection that got something to send in this batch to its
-/// task, once, after the whole batch: a client then gets the batch in one
-/// write, and the writes of a thousand clients run on every core of the
-/// runtime. (Writing them here, on one thread, was measured: it halved
-/// the batching and tripled the latency at 1,000 clients.)
-fn wake(dirty: &[&Arc<Outbox>]) {
-    for outbox in dirty {
-        outbox.wake();
-    }
-}
-
-fn decode(entry: StreamEntry) -> Result<Record, (String, Malformed)> {
+fn decode(entry: StreamEntry, max_bytes: usize) -> Result<Record, (String, Malformed)> {
     let Some(payload) = entry.payload else {
         return Err((entry.id, Malformed::NoPayload));
     };
+    // Before parsing: a huge entry would otherwise be decoded, run through
+    // the chain and sent whole to every subscriber.
+    if payload.len() > max_bytes {
+        return Err((entry.id, Malformed::TooLarge));
+    }
     match Position::decode(&payload) {
         Ok(position) => Ok(Record {
             payload: Bytes::from(payload),
             position,
         }),
         Err(why) => Err((entry.id, why)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::devices::DeviceEvents;
+    use crate::metrics::Metrics as M;
+
+    /// A record path with no plugin, and devices `a` in events 1 and 2, `b`
+    /// in event 2, `c` in none.
+    struct World {
+        b: Broadcaster,
+        registry: Arc<Registry>,
+        events: [Uuid; 2],
+    }
+
+    fn world() -> World {
+        let events = [Uuid::new_v4(), Uuid::new_v4()];
+        let devices = Arc::new(DeviceMap::default());
+        devices.replace(DeviceEvents::from_pairs([
+            ("a".to_owned(), events[0]),
+            ("a".to_owned(), events[1]),
+            ("b".to_owned(), events[1]),
+        ]));
+        let registry = Arc::new(Registry::default());
+        let b = Broadcaster::new(
+            Chain::empty(),
+            Arc::default(),
+            devices,
+            registry.clone(),
+            Arc::new(Metrics::new()),
+            1024,
+        );
+        World {
+            b,
+            registry,
+            events,
+        }
+    }
+
+    impl World {
+        fn subscriber(&self, conn: u64, events: &[Uuid]) -> Arc<Outbox> {
+            let o = Arc::new(Outbox::new(
+                crate::outbox::Limits {
+                    control_bytes: 1 << 20,
+                    positions: 64,
+                },
+                None,
+            ));
+            for e in events {
+                self.registry
+                    .subscribe(*e, conn, &Arc::new(Identity::default()), &o);
+            }
+            o
+        }
+
+        fn batch(&mut self, records: &[(&str, i64)]) {
+            let batch = records
+                .iter()
+                .enumerate()
+                .map(|(i, (device, ts))| StreamEntry {
+                    id: format!("{i}-0"),
+                    payload: Some(payload(device, *ts)),
+                })
+                .collect();
+            self.b.process(batch);
+        }
+    }
+
+    fn payload(device: &str, ts_ms: i64) -> Vec<u8> {
+        let ts = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_ms) * 1_000_000)
+            .expect("in range")
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("formats");
+        format!(r#"{{"device_id":"{device}","timestamp":"{ts}","latitude":1,"longitude":2}}"#)
+            .into_bytes()
+    }
+
+    /// (topic, device, ts) of every position the outbox would write now.
+    fn sent(o: &Outbox) -> Vec<(String, String, i64)> {
+        let mut wire = Vec::new();
+        o.flush_with(|slices| {
+            let n = slices.iter().map(|s| s.len()).sum();
+            for s in slices {
+                wire.extend_from_slice(s);
+            }
+            Ok::<_, io::Error>(n)
+        });
+        let mut out = Vec::new();
+        let mut rest = &wire[..];
+        while rest.len() > 2 {
+            let (len, at) = match rest[1] {
+                126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+                n => (usize::from(n), 2),
+            };
+            let v: serde_json::Value =
+                serde_json::from_slice(&rest[at..at + len]).expect("a JSON message");
+            out.push((
+                v["topic"].as_str().unwrap_or_default().to_owned(),
+                v["deviceId"].as_str().unwrap_or_default().to_owned(),
+                v["ts"].as_i64().unwrap_or_default(),
+            ));
+            rest = &rest[at + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn each_record_reaches_every_subscriber_of_every_event_of_its_device() {
+        let mut w = world();
+        let [e1, e2] = w.events;
+        let both = w.subscriber(1, &[e1, e2]);
+        let second = w.subscriber(2, &[e2]);
+        let none = w.subscriber(3, &[]);
+        w.batch(&[("a", 10), ("b", 11), ("c", 12)]);
+        let (t1, t2) = (protocol::topic_of(e1), protocol::topic_of(e2));
+        let mut got = sent(&both);
+        got.sort();
+        let mut want = vec![
+            (t1.clone(), "a".to_owned(), 10),
+            (t2.clone(), "a".to_owned(), 10),
+            (t2.clone(), "b".to_owned(), 11),
+        ];
+        want.sort();
+        assert_eq!(got, want);
+        let mut got = sent(&second);
+        got.sort();
+        assert_eq!(
+            got,
+            [(t2.clone(), "a".to_owned(), 10), (t2, "b".to_owned(), 11)]
+        );
+        assert!(sent(&none).is_empty());
+        assert!(
+            w.b.latest.get_many(["c"].into_iter()).is_empty(),
+            "c, in no event, is not remembered"
+        );
+        let m = &w.b.metrics;
+        assert_eq!(
+            (
+                m.records_routed.get(),
+                m.records_unrouted.get(),
+                m.deliveries.get()
+            ),
+            (2, 1, 5),
+            "a and b routed, c in no event; 3 + 2 deliveries"
+        );
+    }
+
+    #[test]
+    fn an_older_record_of_a_device_goes_nowhere_and_is_counted_stale() {
+        let mut w = world();
+        let o = w.subscriber(1, &[w.events[1]]);
+        w.batch(&[("b", 20), ("b", 15)]);
+        w.batch(&[("b", 20), ("b", 21)]);
+        let ts: Vec<i64> = sent(&o).into_iter().map(|(_, _, ts)| ts).collect();
+        // Every newer record, in order; 15 and the second 20 nowhere.
+        assert_eq!(ts, [20, 21]);
+        assert_eq!(w.b.metrics.records_stale.get(), 2);
+    }
+
+    #[test]
+    fn a_malformed_entry_is_skipped_and_counted_by_reason() {
+        let mut w = world();
+        let o = w.subscriber(1, &[w.events[1]]);
+        let batch = vec![
+            StreamEntry {
+                id: "1-0".into(),
+                payload: None,
+            },
+            StreamEntry {
+                id: "2-0".into(),
+                payload: Some(b"{not json".to_vec()),
+            },
+            StreamEntry {
+                id: "3-0".into(),
+                payload: Some(payload("b", 30)),
+            },
+            StreamEntry {
+                id: "4-0".into(),
+                payload: Some(
+                    format!(
+                        r#"{{"pad":"{}","device_id":"b","timestamp":"2026-05-02T10:15:30Z","latitude":1,"longitude":2}}"#,
+                        "x".repeat(1024)
+                    )
+                    .into_bytes(),
+                ),
+            },
+        ];
+        w.b.process(batch);
+        assert_eq!(sent(&o).len(), 1, "the good record still goes out");
+        let m = &w.b.metrics.records_malformed;
+        assert_eq!(M::count(m, "reason", "no_payload"), 1);
+        assert_eq!(M::count(m, "reason", "json"), 1);
+        assert_eq!(M::count(m, "reason", "too_large"), 1);
+    }
+
+    #[test]
+    fn a_subscriber_that_left_gets_nothing_more() {
+        let mut w = world();
+        let e = w.events[1];
+        let o = w.subscriber(1, &[e]);
+        w.registry.unsubscribe(e, 1);
+        w.batch(&[("b", 40)]);
+        assert!(sent(&o).is_empty());
+        assert_eq!(w.b.metrics.deliveries.get(), 0);
     }
 }

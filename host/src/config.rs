@@ -53,9 +53,22 @@ pub struct Config {
     )]
     pub live_ws_backpressure_threshold_bytes: usize,
 
+    /// Unsent positions a connection may queue, every one kept in order,
+    /// before its queue is conflated to the newest position of each device.
+    #[arg(long, env = "LIVE_WS_POSITION_BUDGET", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub live_ws_position_budget: u32,
+
     /// A client whose socket accepts nothing for this long is closed with 1008.
     #[arg(long, env = "LIVE_WS_SLOW_CLIENT_TIMEOUT_MS", default_value_t = 10_000, value_parser = positive_ms)]
     pub live_ws_slow_client_timeout_ms: u64,
+
+    /// Upgrades authenticated at once; more wait up to LIVE_WS_HANDSHAKE_WAIT_MS.
+    #[arg(long, env = "LIVE_WS_MAX_HANDSHAKES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub live_ws_max_handshakes: u32,
+
+    /// How long an upgrade waits for a handshake slot before it gets 503 with Retry-After.
+    #[arg(long, env = "LIVE_WS_HANDSHAKE_WAIT_MS", default_value_t = 2_000)]
+    pub live_ws_handshake_wait_ms: u64,
 
     /// Directus base URL, e.g. `http://directus:8055`.
     #[arg(long, env = "DIRECTUS_BASE_URL")]
@@ -100,6 +113,11 @@ pub struct Config {
     /// How long one XREADGROUP waits for entries.
     #[arg(long, env = "LIVE_BROADCAST_BATCH_BLOCK_MS", default_value_t = 1_000, value_parser = positive_ms)]
     pub live_broadcast_batch_block_ms: u64,
+
+    /// Largest stream entry payload accepted; larger ones are skipped and
+    /// counted as malformed (`too_large`).
+    #[arg(long, env = "LIVE_MAX_RECORD_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(256..))]
+    pub live_max_record_bytes: u32,
 
     /// PostgreSQL URL (read-only use), e.g. `postgres://user@127.0.0.1/trm`.
     #[arg(long, env = "POSTGRES_URL")]
@@ -175,6 +193,9 @@ impl Config {
     pub fn slow_client_timeout(&self) -> Duration {
         Duration::from_millis(self.live_ws_slow_client_timeout_ms)
     }
+    pub fn handshake_wait(&self) -> Duration {
+        Duration::from_millis(self.live_ws_handshake_wait_ms)
+    }
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_millis(self.directus_auth_timeout_ms)
     }
@@ -189,6 +210,13 @@ impl Config {
     }
     pub fn filter_reload_poll(&self) -> Duration {
         Duration::from_millis(self.live_filter_reload_poll_ms)
+    }
+    /// What one connection's outbox may hold back.
+    pub fn outbox_limits(&self) -> crate::outbox::Limits {
+        crate::outbox::Limits {
+            control_bytes: self.live_ws_backpressure_threshold_bytes,
+            positions: self.live_ws_position_budget as usize,
+        }
     }
     pub fn snapshot_timeout(&self) -> Duration {
         Duration::from_millis(self.live_snapshot_timeout_ms)

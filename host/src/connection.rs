@@ -20,12 +20,13 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::directus::{Authz, Credential, User};
+use crate::ids::ConnId;
 use crate::metrics::inc;
 use crate::outbox::{Flushed, Outbox};
 use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
-use crate::registry::{ConnId, Identity};
-use crate::server::Shared;
+use crate::registry::Identity;
 use crate::snapshot;
+use crate::state::Shared;
 use crate::ws::{Incoming, OutFrame, ReadError, WebSocket};
 
 /// Client requests waiting behind the one in flight; past this the socket is
@@ -96,6 +97,64 @@ enum Done {
 
 type InFlight = Pin<Box<dyn Future<Output = Done> + Send>>;
 
+/// The client's requests, handled strictly in arrival order so replies come
+/// in request order: one at a time in flight (a subscribe waits on Directus
+/// and the database while positions keep flowing), the rest queued. Past
+/// [`MAX_QUEUED_REQUESTS`] the socket is not read until the queue shrinks,
+/// so a client cannot queue work without bound.
+#[derive(Default)]
+struct Requests {
+    queue: VecDeque<Result<Request, ErrorReply>>,
+    in_flight: Option<(Uuid, InFlight)>,
+}
+
+impl Requests {
+    fn push(&mut self, request: Result<Request, ErrorReply>) {
+        self.queue.push_back(request);
+    }
+
+    /// Whether the socket may be read: the queue has room.
+    fn accepting(&self) -> bool {
+        self.queue.len() < MAX_QUEUED_REQUESTS
+    }
+
+    /// The next request to handle, unless one is still in flight.
+    fn next(&mut self) -> Option<Result<Request, ErrorReply>> {
+        match self.in_flight {
+            Some(_) => None,
+            None => self.queue.pop_front(),
+        }
+    }
+
+    /// Continues a request (a subscribe for `event`) in the background.
+    fn start(&mut self, event: Uuid, task: InFlight) {
+        self.in_flight = Some((event, task));
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// The outcome of the request in flight; never ready without one.
+    fn done(&mut self) -> impl Future<Output = Done> + '_ {
+        std::future::poll_fn(move |cx| {
+            let Some((_, task)) = &mut self.in_flight else {
+                return Poll::Pending;
+            };
+            let done = task.as_mut().poll(cx);
+            if done.is_ready() {
+                self.in_flight = None;
+            }
+            done
+        })
+    }
+
+    /// Drops the request in flight; the event it was subscribing to, if any.
+    fn abandon(&mut self) -> Option<Uuid> {
+        self.in_flight.take().map(|(e, _)| e)
+    }
+}
+
 struct Conn {
     shared: Arc<Shared>,
     id: ConnId,
@@ -103,8 +162,7 @@ struct Conn {
     identity: Arc<Identity>,
     credential: Arc<Credential>,
     subscriptions: FxHashSet<Uuid>,
-    queue: VecDeque<Result<Request, ErrorReply>>,
-    in_flight: Option<(Uuid, InFlight)>,
+    requests: Requests,
 }
 
 /// Serves one upgraded connection until it ends.
@@ -139,8 +197,7 @@ pub async fn serve(
         identity,
         credential: Arc::new(credential),
         subscriptions: FxHashSet::default(),
-        queue: VecDeque::new(),
-        in_flight: None,
+        requests: Requests::default(),
     };
     let end = conn.run(&mut ws).await;
     conn.unregister();
@@ -209,35 +266,44 @@ impl Conn {
                 Flushed::Overflow => return End::Slow,
                 Flushed::Gone => return End::Client,
             }
-            while self.in_flight.is_none() {
-                let Some(req) = self.queue.pop_front() else {
-                    break;
-                };
+            while let Some(req) = self.requests.next() {
                 self.start(req);
             }
-            let blocked = self.outbox.blocked_since();
+            let blocked = self.outbox.stalled_since();
             let give_up =
                 blocked.map_or_else(|| Instant::now() + slow, |t| Instant::from_std(t) + slow);
 
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
-                // Stuck past the slow-client timeout.
-                _ = tokio::time::sleep_until(give_up), if blocked.is_some() => return End::Slow,
+                // No progress for the slow-client timeout, even on a last try.
+                _ = tokio::time::sleep_until(give_up), if blocked.is_some() => {
+                    let _ = self.outbox.flush();
+                    if self.outbox.stalled_since().is_some_and(|t| t.elapsed() >= slow) {
+                        return End::Slow;
+                    }
+                }
                 // The socket drains: write the rest (at the top of the loop).
                 _ = socket.writable(), if blocked.is_some() => {}
-                read = ws.read(&mut incoming), if self.queue.len() < MAX_QUEUED_REQUESTS => {
+                read = ws.read(&mut incoming), if self.requests.accepting() => {
                     last_seen = Instant::now();
                     match read {
                         Ok(()) => {}
                         Err(ReadError::TooLarge) => return End::TooLarge,
-                        Err(ReadError::Protocol(_)) => return End::Protocol,
+                        Err(ReadError::Protocol(why)) => {
+                            tracing::debug!(conn = self.id, why, "WebSocket protocol violation");
+                            return End::Protocol;
+                        }
                         Err(ReadError::InvalidUtf8) => return End::InvalidUtf8,
-                        Err(ReadError::Io(_) | ReadError::Eof) => return End::Client,
+                        Err(ReadError::Io(e)) => {
+                            tracing::debug!(conn = self.id, error = %e, "socket read failed");
+                            return End::Client;
+                        }
+                        Err(ReadError::Eof) => return End::Client,
                     }
                     for msg in incoming.drain(..) {
                         match msg {
-                            Incoming::Text(t) => self.queue.push_back(protocol::parse(&t)),
+                            Incoming::Text(t) => self.requests.push(protocol::parse(&t)),
                             Incoming::Binary => return End::Binary,
                             Incoming::Ping(payload) => {
                                 self.outbox.push_frame(OutFrame::pong(payload));
@@ -253,8 +319,7 @@ impl Conn {
                         }
                     }
                 }
-                done = poll_in_flight(&mut self.in_flight), if self.in_flight.is_some() => {
-                    self.in_flight = None;
+                done = self.requests.done(), if self.requests.busy() => {
                     match done {
                         Done::Added(e) => { self.subscriptions.insert(e); }
                         Done::Removed(e) => { self.subscriptions.remove(&e); }
@@ -265,7 +330,7 @@ impl Conn {
                 _ = ping.tick() => {
                     // While its requests pile up the socket is not read, so
                     // the client's pongs cannot count: not its silence.
-                    let reading = self.queue.len() < MAX_QUEUED_REQUESTS;
+                    let reading = self.requests.accepting();
                     if reading && last_seen.elapsed() >= interval * 2 {
                         return End::Silent;
                     }
@@ -325,7 +390,7 @@ impl Conn {
                     req,
                     held,
                 );
-                self.in_flight = Some((event, Box::pin(task)));
+                self.requests.start(event, Box::pin(task));
             }
         }
     }
@@ -333,7 +398,7 @@ impl Conn {
     /// Removes every subscription of the connection, including one whose
     /// subscribe was still in flight, so the record path stops pushing.
     fn unregister(&mut self) {
-        let pending = self.in_flight.take().map(|(e, _)| e);
+        let pending = self.requests.abandon();
         for event in self.subscriptions.drain().chain(pending) {
             if self.shared.registry.unsubscribe(event, self.id) {
                 self.shared.metrics.subscriptions.dec();
@@ -346,13 +411,6 @@ impl Conn {
 /// 1015 are reserved for reporting, never sent.
 fn sendable(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
-}
-
-fn poll_in_flight(f: &mut Option<(Uuid, InFlight)>) -> impl Future<Output = Done> + '_ {
-    std::future::poll_fn(move |cx| match f {
-        Some((_, fut)) => fut.as_mut().poll(cx),
-        None => Poll::Pending,
-    })
 }
 
 /// Authorize, register, snapshot, release: in this order, so that no live
@@ -439,6 +497,68 @@ async fn subscribe(
         req.id.as_deref(),
         snap.entries.iter().map(|e| &e.body[..]),
     );
-    outbox.release(idx, &floors, msg);
+    let shed = outbox.release(idx, &floors, msg);
+    m.conflated.inc_by(shed as u64);
     Done::Added(req.event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(n: u128) -> Result<Request, ErrorReply> {
+        Ok(Request {
+            kind: RequestKind::Subscribe,
+            event: Uuid::from_u128(n),
+            id: None,
+        })
+    }
+
+    fn event_of(r: Option<Result<Request, ErrorReply>>) -> Option<u128> {
+        r.and_then(Result::ok).map(|r| r.event.as_u128())
+    }
+
+    #[test]
+    fn one_request_in_flight_the_rest_wait_in_order() {
+        let mut r = Requests::default();
+        r.push(request(1));
+        r.push(request(2));
+        r.push(request(3));
+        assert_eq!(event_of(r.next()), Some(1));
+        r.start(Uuid::from_u128(1), Box::pin(std::future::pending()));
+        assert!(r.busy());
+        assert!(r.next().is_none(), "nothing starts while one is in flight");
+        assert_eq!(r.abandon(), Some(Uuid::from_u128(1)));
+        assert_eq!(event_of(r.next()), Some(2));
+        assert_eq!(event_of(r.next()), Some(3));
+        assert!(r.next().is_none());
+    }
+
+    #[test]
+    fn a_full_queue_stops_reading_until_it_shrinks() {
+        let mut r = Requests::default();
+        r.start(Uuid::from_u128(0), Box::pin(std::future::pending()));
+        for n in 0..MAX_QUEUED_REQUESTS {
+            assert!(r.accepting(), "room for request {n}");
+            r.push(request(n as u128));
+        }
+        assert!(!r.accepting());
+        r.abandon();
+        assert!(r.next().is_some());
+        assert!(r.accepting());
+    }
+
+    #[tokio::test]
+    async fn the_outcome_of_the_request_in_flight_frees_the_queue() {
+        let mut r = Requests::default();
+        let e = Uuid::from_u128(7);
+        r.start(e, Box::pin(async move { Done::Added(e) }));
+        r.push(request(8));
+        assert!(matches!(r.done().await, Done::Added(got) if got == e));
+        assert!(!r.busy());
+        assert_eq!(event_of(r.next()), Some(8));
+        // Without a request in flight, `done` never completes.
+        let idle = tokio::time::timeout(Duration::from_millis(10), r.done()).await;
+        assert!(idle.is_err());
+    }
 }

@@ -52,10 +52,15 @@ impl Consumer {
     /// then removes the group (it only ever served this instance).
     pub async fn run(self, batches: mpsc::Sender<Work>, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
-        let mut first = true;
+        // Where the group must start if it has to be created again: just
+        // after the last entry read, so that nothing written after a loss
+        // (a deleted stream, a Redis that restarted empty) is skipped, and
+        // nothing read before it replayed. `None` until the group exists.
+        let mut resume: Option<String> = None;
         loop {
-            let result = self.session(&batches, &cancel, &mut backoff, first).await;
-            first = false;
+            let result = self
+                .session(&batches, &cancel, &mut backoff, &mut resume)
+                .await;
             self.set_ready(false);
             match result {
                 Ok(()) => break,
@@ -84,7 +89,7 @@ impl Consumer {
         batches: &mpsc::Sender<Work>,
         cancel: &CancellationToken,
         backoff: &mut Duration,
-        first: bool,
+        resume: &mut Option<String>,
     ) -> Result<(), RedisError> {
         // A blocking read on a connection of its own, with a response timeout
         // longer than the BLOCK (redis-rs applies its default of 500 ms to
@@ -96,7 +101,10 @@ impl Consumer {
             .client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await?;
-        self.ensure_group(&mut conn, first).await?;
+        match resume.as_deref() {
+            None => *resume = Some(self.start_group(&mut conn).await?),
+            Some(after) => self.recreate_group(&mut conn, after).await?,
+        }
         self.set_ready(true);
         *backoff = Duration::from_millis(100);
 
@@ -120,29 +128,31 @@ impl Consumer {
             };
             let batch = match reply {
                 Ok(v) => parse_read_reply(v),
-                Err(e) if e.code() == Some("NOGROUP") => {
-                    tracing::warn!(group = %c.group, "consumer group vanished; creating it again");
-                    self.ensure_group(&mut conn, false).await?;
+                // The group vanished, or the stream was deleted under a
+                // blocked read ("UNBLOCKED the stream key no longer exists"):
+                // the connection is fine, the group is not.
+                Err(e) if matches!(e.code(), Some("NOGROUP" | "UNBLOCKED")) => {
+                    tracing::warn!(group = %c.group, error = %e, "the consumer group or the stream vanished; creating the group again where this instance stopped reading");
+                    inc(&self.metrics.consumer_errors, "kind", "group_lost");
+                    let after = resume.clone().unwrap_or_else(|| "0".into());
+                    self.recreate_group(&mut conn, &after).await?;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
+            if let Some(last) = batch.last() {
+                *resume = Some(last.id.clone());
+            }
             if !batch.is_empty() && batches.send(Work::Batch(batch)).await.is_err() {
                 return Ok(());
             }
         }
     }
 
-    /// Creates the group at the stream's end. At start-up an existing group
-    /// (left by an earlier run of this instance) is moved there too: live
-    /// only, no replay. After a reconnect it is kept where it was, so what
-    /// arrived during a short outage is still delivered (stale positions are
-    /// dropped downstream).
-    async fn ensure_group(
-        &self,
-        conn: &mut MultiplexedConnection,
-        at_start: bool,
-    ) -> Result<(), RedisError> {
+    /// At start-up: the group at the stream's end (live only, no replay),
+    /// moved there if an earlier run of this instance left it behind.
+    /// Returns the id it starts after.
+    async fn start_group(&self, conn: &mut MultiplexedConnection) -> Result<String, RedisError> {
         let c = &self.config;
         let exists: bool = redis::cmd("EXISTS")
             .arg(&c.stream)
@@ -151,17 +161,7 @@ impl Consumer {
         if !exists {
             tracing::warn!(stream = %c.stream, "the telemetry stream does not exist (yet); is REDIS_TELEMETRY_STREAM right? Waiting for entries on it");
         }
-        let created: Result<(), RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&c.stream)
-            .arg(&c.group)
-            .arg("$")
-            .arg("MKSTREAM")
-            .query_async(conn)
-            .await;
-        match created {
-            Ok(()) => {}
-            Err(e) if e.code() == Some("BUSYGROUP") && !at_start => {}
+        match self.create_group(conn, "$").await {
             Err(e) if e.code() == Some("BUSYGROUP") => {
                 redis::cmd("XGROUP")
                     .arg("SETID")
@@ -171,10 +171,45 @@ impl Consumer {
                     .query_async::<()>(conn)
                     .await?;
             }
-            Err(e) => return Err(e),
+            other => other?,
         }
+        let info: Value = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&c.stream)
+            .query_async(conn)
+            .await?;
         tracing::info!(stream = %c.stream, group = %c.group, consumer = %c.consumer, "reading the telemetry stream");
-        Ok(())
+        Ok(last_generated_id(&info).unwrap_or_else(|| "0".into()))
+    }
+
+    /// After a reconnect or a loss: the group kept where it was when it
+    /// still exists (what arrived during a short outage is still delivered;
+    /// stale positions are dropped downstream), else created again just
+    /// after `after`, the last entry read.
+    async fn recreate_group(
+        &self,
+        conn: &mut MultiplexedConnection,
+        after: &str,
+    ) -> Result<(), RedisError> {
+        match self.create_group(conn, after).await {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn create_group(
+        &self,
+        conn: &mut MultiplexedConnection,
+        at: &str,
+    ) -> Result<(), RedisError> {
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(at)
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await
     }
 
     async fn destroy_group(&self) {
@@ -306,6 +341,22 @@ fn take_field(fields: Vec<Value>, name: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// The `last-generated-id` of an XINFO STREAM reply.
+fn last_generated_id(v: &Value) -> Option<String> {
+    let field = match v {
+        Value::Array(f) => f
+            .chunks_exact(2)
+            .find(|kv| bulk(&kv[0]) == Some(b"last-generated-id"))
+            .map(|kv| &kv[1]),
+        Value::Map(m) => m
+            .iter()
+            .find(|(k, _)| bulk(k) == Some(b"last-generated-id"))
+            .map(|(_, v)| v),
+        _ => None,
+    }?;
+    bulk(field).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
 /// The `lag` of `group` in an XINFO GROUPS reply (Redis ≥ 7).
 fn group_lag(v: &Value, group: &str) -> Option<i64> {
     let Value::Array(groups) = v else { return None };
@@ -358,6 +409,21 @@ mod tests {
         assert_eq!(entries[0].payload.as_deref(), Some(&b"{}"[..]));
         assert_eq!(entries[1].payload, None);
         assert!(parse_read_reply(Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn reads_where_the_stream_ends() {
+        let reply = Value::Array(vec![
+            b("length"),
+            Value::Int(2),
+            b("last-generated-id"),
+            b("1700000000000-3"),
+        ]);
+        assert_eq!(
+            last_generated_id(&reply).as_deref(),
+            Some("1700000000000-3")
+        );
+        assert_eq!(last_generated_id(&Value::Nil), None);
     }
 
     #[test]

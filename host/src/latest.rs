@@ -1,18 +1,24 @@
-//! The latest position of every device seen on the stream.
+//! The latest position of every device that belongs to an event.
 //!
 //! It gives each device a small integer (`DeviceIdx`) so that per-connection
 //! queues key on integers instead of hashing IMEIs per subscriber, it drops
 //! records older than what was already broadcast for a device (a tracker
 //! replaying its offline buffer), and it backs snapshots so that a snapshot is
 //! never older than the live data, even when the database lags behind.
+//!
+//! Only devices of the device map are remembered: anyone who can put a
+//! record on the stream (a tracker speaking the ingestion protocol, a
+//! plugin inventing a `device_id`) could otherwise grow the host without
+//! bound. A device's index outlives its registration (outboxes key on it),
+//! its position does not.
 
 use std::sync::RwLock;
 
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
-/// A device's index, stable for the life of the process.
-pub type DeviceIdx = u32;
+use crate::devices::DeviceEvents;
+use crate::ids::DeviceIdx;
 
 /// A device's latest position: fix time, wire body, and the payload the
 /// filter chain passed (the delivery stage of a snapshot needs it).
@@ -53,19 +59,27 @@ pub enum Observed {
     Newer(DeviceIdx),
     /// Not newer than the device's latest: already superseded.
     Stale,
+    /// The device belongs to no event: nobody can be sent it.
+    Unrouted,
 }
 
 impl LatestPositions {
     /// Records a batch of positions under one lock: `(device, ts, body,
     /// payload)` in, one decision per record out (in `out`, cleared first).
+    /// Devices of no event in `devices` are neither remembered nor indexed.
     pub fn observe<'a>(
         &self,
         records: impl Iterator<Item = (&'a str, i64, &'a Bytes, &'a Bytes)>,
+        devices: &DeviceEvents,
         out: &mut Vec<Observed>,
     ) {
         out.clear();
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         for (device, ts_ms, body, payload) in records {
+            if devices.events_of(device).is_empty() {
+                out.push(Observed::Unrouted);
+                continue;
+            }
             let idx = inner.intern(device);
             let slot = &mut inner.latest[idx as usize];
             match slot {
@@ -80,6 +94,28 @@ impl LatestPositions {
                 }
             }
         }
+    }
+
+    /// Forgets the positions of devices no longer in any event (their
+    /// indexes stay: outboxes may still key on them).
+    pub fn forget_unregistered(&self, devices: &DeviceEvents) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let Inner { index, latest } = &mut *inner;
+        for (device, &idx) in index.iter() {
+            if devices.events_of(device).is_empty() {
+                latest[idx as usize] = None;
+            }
+        }
+    }
+
+    /// Devices ever indexed.
+    #[cfg(test)]
+    pub fn indexed(&self) -> usize {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .index
+            .len()
     }
 
     /// The index of a device, created if it was never seen (a device known
@@ -120,6 +156,11 @@ impl LatestPositions {
 mod tests {
     use super::*;
 
+    fn map(devices: &[&str]) -> DeviceEvents {
+        let event = uuid::Uuid::new_v4();
+        DeviceEvents::from_pairs(devices.iter().map(|d| ((*d).to_owned(), event)))
+    }
+
     #[test]
     fn keeps_the_newest_and_flags_stale() {
         let l = LatestPositions::default();
@@ -133,6 +174,7 @@ mod tests {
                 ("d1", 10, &b, &b),
             ]
             .into_iter(),
+            &map(&["d1", "d2"]),
             &mut out,
         );
         assert_eq!(
@@ -148,6 +190,36 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].2.ts_ms, &got[0].2.body[..]), (10, &b"a"[..]));
         assert_eq!(l.device_idx("d3"), 2);
+        assert_eq!(l.device_idx("d1"), 0);
+    }
+
+    #[test]
+    fn devices_of_no_event_are_not_remembered() {
+        let l = LatestPositions::default();
+        let p = Bytes::from_static(b"p");
+        let mut out = Vec::new();
+        let records: Vec<String> = (0..1000).map(|i| format!("stranger-{i}")).collect();
+        l.observe(
+            records
+                .iter()
+                .map(|d| (d.as_str(), 1, &p, &p))
+                .chain([("d1", 1, &p, &p)]),
+            &map(&["d1"]),
+            &mut out,
+        );
+        assert!(out[..1000].iter().all(|o| *o == Observed::Unrouted));
+        assert_eq!(out[1000], Observed::Newer(0));
+        assert_eq!(l.indexed(), 1, "only the registered device is indexed");
+    }
+
+    #[test]
+    fn a_device_that_leaves_every_event_is_forgotten_but_keeps_its_index() {
+        let l = LatestPositions::default();
+        let p = Bytes::from_static(b"p");
+        let mut out = Vec::new();
+        l.observe([("d1", 1, &p, &p)].into_iter(), &map(&["d1"]), &mut out);
+        l.forget_unregistered(&map(&["d2"]));
+        assert!(l.get_many(["d1"].into_iter()).is_empty());
         assert_eq!(l.device_idx("d1"), 0);
     }
 }

@@ -5,6 +5,7 @@
 //! code holds the metric handles directly; counters that move once per record
 //! are added per batch, not per subscriber.
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,6 +26,8 @@ pub struct Metrics {
     pub auth_latency_ms: Histogram,
     pub authz: CounterFamily,
     pub authz_latency_ms: Histogram,
+    pub handshakes_in_flight: Gauge,
+    pub handshakes_refused: Counter,
     pub subscriptions: Gauge,
     pub client_errors: CounterFamily,
     pub closes: CounterFamily,
@@ -48,7 +51,7 @@ pub struct Metrics {
     pub device_map_refreshes: CounterFamily,
     pub device_map_devices: Gauge,
 
-    pub filter: std::sync::Arc<crate::filter::FilterMetrics>,
+    pub filter: std::sync::Arc<FilterMetrics>,
 }
 
 fn latency_ms() -> Histogram {
@@ -97,6 +100,16 @@ impl Metrics {
                 "livecast_authz_latency_ms",
                 "Latency of the Directus /items/events call at subscribe, ms",
                 latency_ms()
+            ),
+            handshakes_in_flight: reg!(
+                "livecast_handshakes_in_flight",
+                "Upgrades being authenticated now (at most LIVE_WS_MAX_HANDSHAKES)",
+                Gauge::default()
+            ),
+            handshakes_refused: reg!(
+                "livecast_handshakes_refused",
+                "Upgrades answered 503 because no handshake slot freed up in time",
+                Counter::default()
             ),
             subscriptions: reg!(
                 "livecast_subscriptions",
@@ -210,6 +223,7 @@ impl Metrics {
     }
 
     /// Counter `name{label=value}` from a family, for tests and the bench.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn count(family: &CounterFamily, key: &'static str, value: &'static str) -> u64 {
         family.get(&[(key, value)]).map(|c| c.get()).unwrap_or(0)
     }
@@ -218,4 +232,171 @@ impl Metrics {
 /// `family{key=value} += 1`.
 pub fn inc(family: &CounterFamily, key: &'static str, value: &'static str) {
     family.get_or_create(&[(key, value)]).inc();
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    pub plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabel {
+    pub plugin: String,
+    pub kind: String,
+}
+
+type Hist = Family<PluginLabel, Histogram, fn() -> Histogram>;
+
+/// Per-plugin metrics.
+pub struct FilterMetrics {
+    pub calls: Family<PluginLabel, Counter>,
+    pub records_in: Family<PluginLabel, Counter>,
+    pub passed: Family<PluginLabel, Counter>,
+    pub dropped: Family<PluginLabel, Counter>,
+    pub replaced: Family<PluginLabel, Counter>,
+    pub by_policy: Family<PluginLabel, Counter>,
+    pub failures: Family<FailureLabel, Counter>,
+    pub batch_ms: Hist,
+    pub breaker_open: Family<PluginLabel, Gauge>,
+    pub reloads: Family<Label, Counter>,
+    pub chain_plugins: Gauge,
+}
+
+impl Default for FilterMetrics {
+    fn default() -> Self {
+        fn batch_histogram() -> Histogram {
+            // 0.01 ms … ~80 ms
+            Histogram::new(exponential_buckets(0.01, 2.0, 14))
+        }
+        Self {
+            calls: Family::default(),
+            records_in: Family::default(),
+            passed: Family::default(),
+            dropped: Family::default(),
+            replaced: Family::default(),
+            by_policy: Family::default(),
+            failures: Family::default(),
+            batch_ms: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
+            breaker_open: Family::default(),
+            reloads: Family::default(),
+            chain_plugins: Gauge::default(),
+        }
+    }
+}
+
+pub(crate) type PluginHandles = (
+    Counter,
+    Counter,
+    Counter,
+    Counter,
+    Counter,
+    Counter,
+    Histogram,
+    Gauge,
+);
+
+impl FilterMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "livecast_filter_calls",
+            "Plugin calls (one per batch and stage)",
+            self.calls.clone(),
+        );
+        r.register(
+            "livecast_filter_records_in",
+            "Items handed to a plugin",
+            self.records_in.clone(),
+        );
+        r.register(
+            "livecast_filter_records_passed",
+            "Items a plugin passed unchanged (fail-open decisions included)",
+            self.passed.clone(),
+        );
+        r.register(
+            "livecast_filter_records_dropped",
+            "Items a plugin dropped (fail-closed decisions included)",
+            self.dropped.clone(),
+        );
+        r.register(
+            "livecast_filter_records_replaced",
+            "Items a plugin replaced",
+            self.replaced.clone(),
+        );
+        r.register(
+            "livecast_filter_policy_applied",
+            "Items decided by the plugin's failure policy (failure or breaker open)",
+            self.by_policy.clone(),
+        );
+        r.register(
+            "livecast_filter_failures",
+            "Failed plugin calls, by kind (trap, timeout, memory, malformed, init)",
+            self.failures.clone(),
+        );
+        r.register(
+            "livecast_filter_batch_ms",
+            "Time of one plugin call over a batch, ms",
+            self.batch_ms.clone(),
+        );
+        r.register(
+            "livecast_filter_breaker_open",
+            "1 while a plugin is switched off by its circuit breaker",
+            self.breaker_open.clone(),
+        );
+        r.register(
+            "livecast_filter_reloads",
+            "Chain reloads, by result",
+            self.reloads.clone(),
+        );
+        r.register(
+            "livecast_filter_chain_plugins",
+            "Plugins in the running chain",
+            self.chain_plugins.clone(),
+        );
+    }
+
+    pub(crate) fn handles(&self, plugin: &str) -> PluginHandles {
+        let l = PluginLabel {
+            plugin: plugin.to_owned(),
+        };
+        (
+            self.calls.get_or_create_owned(&l),
+            self.records_in.get_or_create_owned(&l),
+            self.passed.get_or_create_owned(&l),
+            self.dropped.get_or_create_owned(&l),
+            self.replaced.get_or_create_owned(&l),
+            self.by_policy.get_or_create_owned(&l),
+            self.batch_ms.get_or_create_owned(&l),
+            self.breaker_open.get_or_create_owned(&l),
+        )
+    }
+
+    pub(crate) fn failure(&self, plugin: &str, kind: &str) {
+        self.failures
+            .get_or_create(&FailureLabel {
+                plugin: plugin.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// `livecast_filter_failures_total{plugin, kind}`, for tests.
+    #[cfg(feature = "test-util")]
+    pub fn failures_of(&self, plugin: &str, kind: &str) -> u64 {
+        self.failures
+            .get(&FailureLabel {
+                plugin: plugin.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    /// A per-plugin counter's value, for tests.
+    #[cfg(feature = "test-util")]
+    pub fn count(family: &Family<PluginLabel, Counter>, plugin: &str) -> u64 {
+        family
+            .get(&PluginLabel {
+                plugin: plugin.to_owned(),
+            })
+            .map_or(0, |c| c.get())
+    }
 }

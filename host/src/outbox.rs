@@ -3,22 +3,28 @@
 //!
 //! Two lanes. Control frames (`subscribed`, `unsubscribed`, `error`, and the
 //! WebSocket ping, pong and close) wait in order and are never dropped.
-//! Positions are *conflated*: there is one slot per (topic, device), holding
-//! only the newest undelivered position, so a client that cannot keep up
-//! receives the latest position of every device when it drains, and its
-//! queue is bounded by its devices, not by the record rate.
+//! Positions wait in arrival order, every one of them, up to a budget
+//! (`LIVE_WS_POSITION_BUDGET`): a client that reads keeps every record, in
+//! order, through a burst (a tracker uploading its buffer after a coverage
+//! gap). Past the budget the queue is *conflated*: only the newest unsent
+//! position of each (topic, device) stays, and from then on a newer one
+//! replaces it in place, so a client that cannot keep up receives the
+//! latest position of every device when it drains, and its queue is bounded
+//! by the budget and its devices, not by the record rate. Queued positions
+//! are the record path's shared bytes: the budget costs references, not
+//! copies.
 //!
 //! The record path pushes a batch's positions into every subscriber's outbox
 //! (a lock, an integer-keyed lookup, a reference-count increment) and wakes
 //! each connection task it gave work to, once per batch. The task
 //! [`Outbox::flush`]es: non-blocking vectored writes straight from the
 //! shared bytes. When a socket would block, the task waits for it to drain
-//! (up to the slow-client timeout) while the record path keeps conflating
-//! into the slots.
+//! (up to the slow-client timeout, counted from its last progress) while the
+//! record path keeps queueing, and past the budget conflating.
 //!
 //! Control frames are written before positions, so `subscribed` precedes
 //! the positions of its topic. While a subscription's snapshot is being
-//! built its topic is *held*: positions collect in their slots and are
+//! built its topic is *held*: positions collect, newest per device, and are
 //! released after the snapshot, only when newer than it.
 
 use std::collections::VecDeque;
@@ -31,8 +37,7 @@ use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::latest::DeviceIdx;
-use crate::registry::TopicIdx;
+use crate::ids::{DeviceIdx, TopicIdx};
 use crate::ws::{self, OutFrame};
 
 fn key(topic: TopicIdx, device: DeviceIdx) -> u64 {
@@ -46,10 +51,21 @@ fn topic_of(key: u64) -> TopicIdx {
 /// Below these capacities an idle connection keeps its buffers; above, an
 /// emptied one gives the memory back (a burst must not cost an idle client
 /// forever).
-const KEEP_PENDING: usize = 32;
+const KEEP_SLOTS: usize = 32;
 const KEEP_QUEUE: usize = 64;
-/// Frames per vectored write (two slices each, on the stack).
+/// Frames per vectored write (two slices each, on the stack). Positions
+/// move to the wire this many at a time, so that those still queued behind
+/// a blocked socket can be conflated.
 const FRAMES_PER_WRITE: usize = 64;
+
+/// What one connection may hold back.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Unwritten control bytes past which the client is closed with 1008.
+    pub control_bytes: usize,
+    /// Unsent positions past which the queue is conflated.
+    pub positions: usize,
+}
 
 #[derive(Default)]
 struct Inner {
@@ -59,18 +75,26 @@ struct Inner {
     /// enough: `ts` of the newest position the client has. Positions at or
     /// below it are stale. Most connections keep none (see `Floor`).
     floors: FxHashMap<u64, i64>,
-    /// Per (topic, device): the newest position not sent yet.
-    pending: FxHashMap<u64, Pending>,
-    /// Keys of `pending` in the order they became ready to send. A key can
-    /// linger after an unsubscribe removed its position; it is skipped.
-    ready: VecDeque<u64>,
+    /// Positions ready to send, in arrival order (per key, increasing `ts`).
+    queue: VecDeque<Pending>,
+    /// Sequence number of `queue[0]`; an entry's is its index plus this.
+    head: u64,
+    /// Per key with an entry in `queue`: the sequence number and `ts` of its
+    /// newest one.
+    newest: FxHashMap<u64, (u64, i64)>,
+    /// The queue went over its budget: newer positions replace queued ones
+    /// of their key until it drains.
+    conflating: bool,
     held: Vec<TopicIdx>,
+    /// Positions of held topics: the newest per key.
+    held_slots: FxHashMap<u64, Pending>,
     /// Frames committed to the socket, in order, and how much of the first
     /// one is written: a write cut short resumes exactly where it stopped.
     wire: VecDeque<OutFrame>,
     written: usize,
-    /// Since when the socket has refused bytes; `None` while it keeps up.
-    blocked_since: Option<Instant>,
+    /// Since when the socket has taken no byte while there was something to
+    /// write; `None` while it keeps up or makes progress.
+    stalled_since: Option<Instant>,
     overflow: bool,
     /// A close frame is queued: nothing may follow it on the wire.
     closing: bool,
@@ -79,6 +103,7 @@ struct Inner {
 
 /// A position waiting for the socket.
 struct Pending {
+    key: u64,
     ts: i64,
     msg: Bytes,
     /// Whether to remember its `ts` once sent.
@@ -101,40 +126,103 @@ pub enum Floor {
 
 impl Inner {
     fn has_work(&self) -> bool {
-        !self.control.is_empty() || !self.ready.is_empty() || !self.wire.is_empty()
+        !self.control.is_empty() || !self.queue.is_empty() || !self.wire.is_empty()
     }
 
+    /// Whether a position at `ts` is not newer than what the client has or
+    /// will get for key `k`.
     fn stale(&self, k: u64, ts: i64) -> bool {
         self.floors.get(&k).is_some_and(|f| ts <= *f)
+            || self.newest.get(&k).is_some_and(|(_, n)| ts <= *n)
+    }
+
+    /// Appends a position to the queue (conflating it in place when the
+    /// queue is over its budget); the positions this dropped.
+    fn enqueue(&mut self, p: Pending, budget: usize) -> Enqueued {
+        if self.conflating
+            && let Some(&(seq, _)) = self.newest.get(&p.key)
+        {
+            let at = (seq - self.head) as usize;
+            self.newest.insert(p.key, (seq, p.ts));
+            self.queue[at] = p;
+            return Enqueued::Replaced;
+        }
+        let seq = self.head + self.queue.len() as u64;
+        self.newest.insert(p.key, (seq, p.ts));
+        self.queue.push_back(p);
+        if self.queue.len() > budget && !self.conflating {
+            self.conflating = true;
+            return Enqueued::Shed(self.collapse());
+        }
+        Enqueued::Added
+    }
+
+    /// Keeps only the newest queued position of each key; how many it
+    /// dropped.
+    fn collapse(&mut self) -> usize {
+        let before = self.queue.len();
+        let mut seq = self.head;
+        let newest = &self.newest;
+        self.queue.retain(|p| {
+            let keep = newest.get(&p.key).is_some_and(|(s, _)| *s == seq);
+            seq += 1;
+            keep
+        });
+        self.reindex();
+        before - self.queue.len()
+    }
+
+    /// Rebuilds `newest` after entries left the middle of the queue.
+    fn reindex(&mut self) {
+        self.newest.clear();
+        for (i, p) in self.queue.iter().enumerate() {
+            self.newest.insert(p.key, (self.head + i as u64, p.ts));
+        }
+        if self.queue.is_empty() {
+            self.conflating = false;
+        }
     }
 
     /// Moves what may be sent into the (empty) wire queue: control first,
-    /// then the newest position of each ready slot. Only an empty wire takes
-    /// more, so that while a socket is blocked positions stay in their slots,
-    /// where newer ones replace them.
+    /// then the oldest queued positions, a write's worth. Only an empty wire
+    /// takes more, so that while a socket is blocked positions stay in the
+    /// queue, where conflation can still replace them.
     fn stage(&mut self) {
         if !self.wire.is_empty() || self.closing {
             return;
         }
         self.wire.extend(self.control.drain(..));
-        while let Some(k) = self.ready.pop_front() {
-            if let Some(p) = self.pending.remove(&k) {
-                if p.floor == Floor::Keep {
-                    self.floors.insert(k, p.ts);
-                } else if let Some(f) = self.floors.get_mut(&k) {
-                    *f = p.ts;
-                }
-                self.wire.push_back(OutFrame::text(p.msg));
+        let take = self.queue.len().min(FRAMES_PER_WRITE);
+        for p in self.queue.drain(..take) {
+            if p.floor == Floor::Keep {
+                self.floors.insert(p.key, p.ts);
+            } else if let Some(f) = self.floors.get_mut(&p.key) {
+                *f = p.ts;
             }
+            if self
+                .newest
+                .get(&p.key)
+                .is_some_and(|(s, _)| *s == self.head)
+            {
+                self.newest.remove(&p.key);
+            }
+            self.head += 1;
+            self.wire.push_back(OutFrame::text(p.msg));
+        }
+        if self.queue.is_empty() {
+            self.conflating = false;
         }
     }
 
     fn shrink_when_idle(&mut self) {
-        if self.pending.is_empty() && self.pending.capacity() > KEEP_PENDING {
-            self.pending = FxHashMap::default();
+        if self.newest.is_empty() && self.newest.capacity() > KEEP_SLOTS {
+            self.newest = FxHashMap::default();
         }
-        if self.ready.is_empty() && self.ready.capacity() > KEEP_QUEUE {
-            self.ready = VecDeque::new();
+        if self.held_slots.is_empty() && self.held_slots.capacity() > KEEP_SLOTS {
+            self.held_slots = FxHashMap::default();
+        }
+        if self.queue.is_empty() && self.queue.capacity() > KEEP_QUEUE {
+            self.queue = VecDeque::new();
         }
         for q in [&mut self.wire, &mut self.control] {
             if q.is_empty() && q.capacity() > KEEP_QUEUE {
@@ -144,15 +232,27 @@ impl Inner {
     }
 }
 
+/// What `enqueue` did.
+enum Enqueued {
+    Added,
+    Replaced,
+    /// Added, and the queue went over its budget: this many older positions
+    /// were dropped.
+    Shed(usize),
+}
+
 /// What happened to a pushed position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
-    /// Queued in an empty slot; `first` when the outbox had nothing to send
-    /// before (the pusher should flush it).
+    /// Queued; `first` when the outbox had nothing to send before (the
+    /// pusher should wake its task).
     Queued { first: bool },
     /// Replaced an older position the client had not received yet.
     Conflated,
-    /// Not newer than what the client already has; dropped.
+    /// Queued, and the queue went over its budget: this many older
+    /// positions were dropped, the newest of each device kept.
+    Shed(usize),
+    /// Not newer than what the client already has or will get; dropped.
     Stale,
     /// The connection is closing.
     Closed,
@@ -175,17 +275,17 @@ pub enum Flushed {
 pub struct Outbox {
     inner: Mutex<Inner>,
     notify: Notify,
-    control_limit: usize,
+    limits: Limits,
     socket: Option<Arc<TcpStream>>,
 }
 
 impl Outbox {
     /// An outbox writing to `socket` (`None`: nothing is written, for tests).
-    pub fn new(control_limit: usize, socket: Option<Arc<TcpStream>>) -> Self {
+    pub fn new(limits: Limits, socket: Option<Arc<TcpStream>>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
-            control_limit,
+            limits,
             socket,
         }
     }
@@ -196,8 +296,8 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a position of `device` on `topic`, replacing an unsent older
-    /// one. `msg` is shared with every other subscriber of the topic.
+    /// Queues a position of `device` on `topic`. `msg` is shared with every
+    /// other subscriber of the topic.
     pub fn push_position(
         &self,
         topic: TopicIdx,
@@ -211,30 +311,37 @@ impl Outbox {
             return Pushed::Closed;
         }
         let k = key(topic, device);
-        if inner.stale(k, ts) {
-            return Pushed::Stale;
-        }
-        let first = !inner.has_work();
-        let pending = || Pending {
+        let pending = Pending {
+            key: k,
             ts,
             msg: msg.clone(),
             floor,
         };
-        match inner.pending.get_mut(&k) {
-            Some(p) if ts <= p.ts => return Pushed::Stale,
-            Some(slot) => {
-                *slot = pending();
-                return Pushed::Conflated;
-            }
-            None => {
-                inner.pending.insert(k, pending());
-            }
-        }
         if inner.held.contains(&topic) {
-            return Pushed::Queued { first: false };
+            if inner.floors.get(&k).is_some_and(|f| ts <= *f) {
+                return Pushed::Stale;
+            }
+            return match inner.held_slots.get_mut(&k) {
+                Some(p) if ts <= p.ts => Pushed::Stale,
+                Some(slot) => {
+                    *slot = pending;
+                    Pushed::Conflated
+                }
+                None => {
+                    inner.held_slots.insert(k, pending);
+                    Pushed::Queued { first: false }
+                }
+            };
         }
-        inner.ready.push_back(k);
-        Pushed::Queued { first }
+        if inner.stale(k, ts) {
+            return Pushed::Stale;
+        }
+        let first = !inner.has_work();
+        match inner.enqueue(pending, self.limits.positions) {
+            Enqueued::Added => Pushed::Queued { first },
+            Enqueued::Replaced => Pushed::Conflated,
+            Enqueued::Shed(n) => Pushed::Shed(n),
+        }
     }
 
     /// Queues a control message (text) and wakes the connection task to
@@ -260,10 +367,10 @@ impl Outbox {
         // Only a backlog counts (what is queued or on the wire, unwritten):
         // one large message (a big snapshot) to a client that reads is not a
         // reason to close it.
-        if inner.control_bytes > self.control_limit {
+        if inner.control_bytes > self.limits.control_bytes {
             inner.overflow = true;
         }
-        let frame = frame.as_control();
+        let frame = frame.into_control();
         inner.control_bytes += frame.control_len();
         inner.control.push_back(frame);
         !inner.overflow
@@ -277,18 +384,35 @@ impl Outbox {
         if !inner.held.contains(&topic) {
             inner.held.push(topic);
         }
-        inner.ready.retain(|k| topic_of(*k) != topic);
+        if !inner.queue.iter().any(|p| topic_of(p.key) == topic) {
+            return;
+        }
+        let Inner {
+            queue, held_slots, ..
+        } = &mut *inner;
+        for p in queue.iter_mut().filter(|p| topic_of(p.key) == topic) {
+            // Entries of a key come in increasing `ts`: the last one wins.
+            let taken = Pending {
+                key: p.key,
+                ts: p.ts,
+                msg: std::mem::take(&mut p.msg),
+                floor: p.floor,
+            };
+            held_slots.insert(p.key, taken);
+        }
+        queue.retain(|p| topic_of(p.key) != topic);
+        inner.reindex();
     }
 
     /// Ends a hold: queues `subscribed` (with its snapshot), drops held
     /// positions the snapshot already covers, keeps the floors the snapshot
-    /// asks for, and releases the rest.
+    /// asks for, and queues the rest.
     pub fn release(
         &self,
         topic: TopicIdx,
         snapshot: &[(DeviceIdx, i64, Floor)],
         subscribed: Bytes,
-    ) {
+    ) -> usize {
         let mut inner = self.lock();
         inner.held.retain(|t| *t != topic);
         for &(device, ts, floor) in snapshot {
@@ -304,15 +428,28 @@ impl Outbox {
                 }
                 None => ts,
             };
-            if inner.pending.get(&k).is_some_and(|p| p.ts <= covered) {
-                inner.pending.remove(&k);
+            if inner.held_slots.get(&k).is_some_and(|p| p.ts <= covered) {
+                inner.held_slots.remove(&k);
             }
         }
         self.push_control_locked(&mut inner, OutFrame::text(subscribed));
-        let Inner { pending, ready, .. } = &mut *inner;
-        ready.extend(pending.keys().filter(|k| topic_of(**k) == topic));
+        let released: Vec<u64> = inner
+            .held_slots
+            .keys()
+            .copied()
+            .filter(|k| topic_of(*k) == topic)
+            .collect();
+        let mut shed = 0;
+        for k in released {
+            if let Some(p) = inner.held_slots.remove(&k)
+                && let Enqueued::Shed(n) = inner.enqueue(p, self.limits.positions)
+            {
+                shed += n;
+            }
+        }
         drop(inner);
         self.notify.notify_one();
+        shed
     }
 
     /// Drops a topic's positions and floors (and any hold) and queues its
@@ -320,7 +457,11 @@ impl Outbox {
     pub fn remove_topic(&self, topic: TopicIdx, unsubscribed: Option<Bytes>) {
         let mut inner = self.lock();
         inner.held.retain(|t| *t != topic);
-        inner.pending.retain(|k, _| topic_of(*k) != topic);
+        inner.held_slots.retain(|k, _| topic_of(*k) != topic);
+        if inner.queue.iter().any(|p| topic_of(p.key) == topic) {
+            inner.queue.retain(|p| topic_of(p.key) != topic);
+            inner.reindex();
+        }
         inner.floors.retain(|k, _| topic_of(*k) != topic);
         if let Some(msg) = unsubscribed {
             self.push_control_locked(&mut inner, OutFrame::text(msg));
@@ -350,6 +491,7 @@ impl Outbox {
         if inner.overflow {
             return Flushed::Overflow;
         }
+        let mut progress = false;
         let result = loop {
             inner.stage();
             if inner.wire.is_empty() {
@@ -360,6 +502,7 @@ impl Outbox {
             match write(&slices[..used]) {
                 Ok(0) => break Flushed::Gone,
                 Ok(n) => {
+                    progress = true;
                     let Inner { wire, written, .. } = &mut *inner;
                     let done = ws::consume(wire, written, n);
                     inner.control_bytes = inner.control_bytes.saturating_sub(done);
@@ -370,11 +513,15 @@ impl Outbox {
             }
         };
         match result {
+            // The slow-client timeout counts time without progress: a client
+            // on a weak link that takes bytes all the time, without ever
+            // emptying its queue, is not stuck.
+            Flushed::Blocked if progress => inner.stalled_since = Some(Instant::now()),
             Flushed::Blocked => {
-                inner.blocked_since.get_or_insert_with(Instant::now);
+                inner.stalled_since.get_or_insert_with(Instant::now);
             }
             Flushed::Done => {
-                inner.blocked_since = None;
+                inner.stalled_since = None;
                 inner.shrink_when_idle();
             }
             _ => {}
@@ -397,8 +544,9 @@ impl Outbox {
         inner.wire.push_back(frame);
         inner.control.clear();
         inner.control_bytes = 0;
-        inner.pending.clear();
-        inner.ready.clear();
+        inner.queue.clear();
+        inner.newest.clear();
+        inner.held_slots.clear();
         inner.overflow = false;
         inner.closing = true;
     }
@@ -408,14 +556,17 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Since when the socket has refused bytes, if it does.
-    pub fn blocked_since(&self) -> Option<Instant> {
-        self.lock().blocked_since
+    /// Since when the socket has taken nothing while there was something to
+    /// write, if it has.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        self.lock().stalled_since
     }
 
-    /// Positions waiting to be sent (at most one per topic and device).
+    /// Positions waiting to be sent.
+    #[cfg(feature = "test-util")]
     pub fn pending_positions(&self) -> usize {
-        self.lock().pending.len()
+        let inner = self.lock();
+        inner.queue.len() + inner.held_slots.len()
     }
 
     /// Waits until the task has something to do (control queued, socket
@@ -438,6 +589,16 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn outbox(positions: usize) -> Outbox {
+        Outbox::new(
+            Limits {
+                control_bytes: 1 << 20,
+                positions,
+            },
+            None,
+        )
+    }
+
     impl Outbox {
         fn push_kept(&self, topic: TopicIdx, device: DeviceIdx, ts: i64, msg: &Bytes) -> Pushed {
             self.push_position(topic, device, ts, msg, Floor::Keep)
@@ -446,34 +607,14 @@ mod tests {
         fn floors(&self) -> usize {
             self.lock().floors.len()
         }
+
+        fn queued(&self) -> usize {
+            self.lock().queue.len()
+        }
     }
 
-    #[test]
-    fn in_order_positions_leave_no_floor_behind() {
-        let o = Outbox::new(1 << 20, None);
-        o.hold(1);
-        o.push_position(1, 1, 5, &b("d1@5"), Floor::Skip);
-        o.release(
-            1,
-            &[(1, 3, Floor::Skip), (2, 3, Floor::Skip)],
-            b("subscribed"),
-        );
-        assert_eq!(written(&o), ["subscribed", "d1@5"]);
-        o.push_position(1, 2, 4, &b("d2@4"), Floor::Skip);
-        assert_eq!(written(&o), ["d2@4"]);
-        assert_eq!(o.floors(), 0, "an idle subscriber keeps nothing per device");
-        // A snapshot row newer than the stream, or a replaced position, does.
-        o.push_position(1, 3, 9, &b("d3@9"), Floor::Keep);
-        assert_eq!(written(&o), ["d3@9"]);
-        assert_eq!(
-            o.push_position(1, 3, 8, &b("d3@8"), Floor::Skip),
-            Pushed::Stale
-        );
-        assert_eq!(o.floors(), 1);
-    }
-
-    fn b(s: &'static str) -> Bytes {
-        Bytes::from_static(s.as_bytes())
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
     }
 
     /// Flushes everything into memory; the bytes written.
@@ -509,29 +650,99 @@ mod tests {
         out
     }
 
+    /// A writer that takes `budget` bytes, then would block.
+    fn trickle<'a>(
+        wire: &'a mut Vec<u8>,
+        mut budget: usize,
+    ) -> impl FnMut(&[IoSlice<'_>]) -> io::Result<usize> + 'a {
+        move |slices| {
+            let all: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            let n = all.len().min(budget);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            budget -= n;
+            wire.extend_from_slice(&all[..n]);
+            Ok(n)
+        }
+    }
+
     #[test]
-    fn conflates_per_device_and_keeps_control() {
-        let o = Outbox::new(1 << 20, None);
+    fn in_order_positions_leave_no_floor_behind() {
+        let o = outbox(64);
+        o.hold(1);
+        o.push_position(1, 1, 5, &b("d1@5"), Floor::Skip);
+        o.release(
+            1,
+            &[(1, 3, Floor::Skip), (2, 3, Floor::Skip)],
+            b("subscribed"),
+        );
+        assert_eq!(written(&o), ["subscribed", "d1@5"]);
+        o.push_position(1, 2, 4, &b("d2@4"), Floor::Skip);
+        assert_eq!(written(&o), ["d2@4"]);
+        assert_eq!(o.floors(), 0, "an idle subscriber keeps nothing per device");
+        // A snapshot row newer than the stream, or a replaced position, does.
+        o.push_position(1, 3, 9, &b("d3@9"), Floor::Keep);
+        assert_eq!(written(&o), ["d3@9"]);
         assert_eq!(
-            o.push_kept(0, 1, 10, &b("d1@10")),
+            o.push_position(1, 3, 8, &b("d3@8"), Floor::Skip),
+            Pushed::Stale
+        );
+        assert_eq!(o.floors(), 1);
+    }
+
+    #[test]
+    fn within_its_budget_a_client_gets_every_position_in_order() {
+        let o = outbox(8);
+        let mut pushed = Vec::new();
+        for ts in 1..=4 {
+            for device in [1, 2] {
+                let msg = format!("d{device}@{ts}");
+                let p = o.push_kept(0, device, ts, &b(&msg));
+                assert!(matches!(p, Pushed::Queued { .. }), "{msg}: {p:?}");
+                pushed.push(msg);
+            }
+        }
+        assert_eq!(o.push_kept(0, 1, 4, &b("again")), Pushed::Stale);
+        assert_eq!(o.push_kept(0, 1, 3, &b("older")), Pushed::Stale);
+        assert_eq!(written(&o), pushed);
+    }
+
+    #[test]
+    fn past_its_budget_the_queue_keeps_the_newest_of_each_device() {
+        let o = outbox(4);
+        o.push_control(b("ctl"));
+        for ts in 1..=2 {
+            for device in [1, 2] {
+                o.push_kept(0, device, ts, &b(&format!("d{device}@{ts}")));
+            }
+        }
+        // The fifth position goes over the budget of four: the queue
+        // collapses to the newest of each device, this one included.
+        assert_eq!(o.push_kept(0, 3, 1, &b("d3@1")), Pushed::Shed(2));
+        assert_eq!(o.queued(), 3);
+        // Until it drains, a newer position replaces its device's in place.
+        assert_eq!(o.push_kept(0, 1, 3, &b("d1@3")), Pushed::Conflated);
+        assert_eq!(o.push_kept(0, 1, 2, &b("d1@2")), Pushed::Stale);
+        assert_eq!(written(&o), ["ctl", "d1@3", "d2@2", "d3@1"]);
+        // Drained: every position counts again.
+        assert_eq!(
+            o.push_kept(0, 1, 4, &b("d1@4")),
             Pushed::Queued { first: true }
         );
         assert_eq!(
-            o.push_kept(0, 2, 10, &b("d2@10")),
+            o.push_kept(0, 1, 5, &b("d1@5")),
             Pushed::Queued { first: false }
         );
-        assert_eq!(o.push_kept(0, 1, 11, &b("d1@11")), Pushed::Conflated);
-        assert_eq!(o.push_kept(0, 1, 9, &b("d1@9")), Pushed::Stale);
-        o.push_control(b("ctl"));
-        assert_eq!(written(&o), ["ctl", "d1@11", "d2@10"]);
+        assert_eq!(written(&o), ["d1@4", "d1@5"]);
         // Sent positions set the floor.
-        assert_eq!(o.push_kept(0, 1, 11, &b("again")), Pushed::Stale);
+        assert_eq!(o.push_kept(0, 1, 5, &b("again")), Pushed::Stale);
         assert!(written(&o).is_empty());
     }
 
     #[test]
     fn holds_a_topic_until_its_snapshot_and_skips_what_it_covered() {
-        let o = Outbox::new(1 << 20, None);
+        let o = outbox(64);
         o.hold(7);
         o.push_kept(7, 1, 100, &b("d1@100"));
         o.push_kept(7, 2, 50, &b("d2@50"));
@@ -550,15 +761,28 @@ mod tests {
 
     #[test]
     fn unsubscribe_drops_queued_positions() {
-        let o = Outbox::new(1 << 20, None);
+        let o = outbox(64);
         o.push_kept(3, 1, 1, &b("p"));
+        o.push_kept(4, 1, 1, &b("other topic"));
+        o.push_kept(3, 1, 2, &b("p2"));
         o.remove_topic(3, Some(b("unsubscribed")));
-        assert_eq!(written(&o), ["unsubscribed"]);
+        assert_eq!(written(&o), ["unsubscribed", "other topic"]);
+        assert_eq!(
+            o.push_kept(3, 1, 2, &b("p2 again")),
+            Pushed::Queued { first: true },
+            "nothing of the topic is remembered"
+        );
     }
 
     #[test]
     fn control_backlog_limit() {
-        let o = Outbox::new(8, None);
+        let o = Outbox::new(
+            Limits {
+                control_bytes: 8,
+                positions: 64,
+            },
+            None,
+        );
         assert!(
             o.push_control(b("a message over the limit")),
             "one message alone is fine"
@@ -572,20 +796,25 @@ mod tests {
 
     #[test]
     fn a_resubscribe_holds_positions_already_queued() {
-        let o = Outbox::new(1 << 20, None);
+        let o = outbox(64);
         o.push_kept(4, 1, 100, &b("d1@100"));
+        o.push_kept(4, 2, 100, &b("d2@100"));
         // Re-subscribe: the snapshot will carry d1@120, so d1@120 must not
         // go out before it, and d1@100 not at all.
         o.hold(4);
         assert_eq!(o.push_kept(4, 1, 120, &b("d1@120")), Pushed::Conflated);
         assert!(written(&o).is_empty());
-        o.release(4, &[(1, 120, Floor::Skip)], b("subscribed"));
-        assert_eq!(written(&o), ["subscribed"]);
+        o.release(
+            4,
+            &[(1, 120, Floor::Skip), (2, 90, Floor::Skip)],
+            b("subscribed"),
+        );
+        assert_eq!(written(&o), ["subscribed", "d2@100"]);
     }
 
     #[test]
     fn nothing_follows_a_close_frame() {
-        let o = Outbox::new(1 << 20, None);
+        let o = outbox(64);
         o.push_kept(0, 1, 1, &b("p"));
         o.replace_with_close(OutFrame::close(1001, "bye"));
         assert_eq!(o.push_kept(0, 2, 1, &b("late")), Pushed::Closed);
@@ -597,27 +826,15 @@ mod tests {
 
     #[test]
     fn a_blocked_socket_keeps_order_and_resumes_mid_frame() {
-        let o = Outbox::new(1 << 20, None);
+        let o = outbox(64);
         o.push_kept(0, 1, 1, &b("first"));
         o.push_kept(0, 2, 1, &b("second"));
         let mut wire = Vec::new();
         // The socket takes 4 bytes, then refuses.
-        let mut budget = 4;
-        let r = o.flush_with(|slices| {
-            let all: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
-            let n = all.len().min(budget);
-            if n == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            budget -= n;
-            wire.extend_from_slice(&all[..n]);
-            Ok(n)
-        });
-        assert_eq!(r, Flushed::Blocked);
-        assert!(o.blocked_since().is_some());
-        // Meanwhile the record path queues device 1 again; while the socket
-        // stays blocked the position stays in its slot (not on the wire),
-        // where a newer one replaces it.
+        assert_eq!(o.flush_with(trickle(&mut wire, 4)), Flushed::Blocked);
+        assert!(o.stalled_since().is_some());
+        // Meanwhile the record path queues device 1 again: it waits in the
+        // queue, behind what is already on the wire.
         assert_eq!(
             o.push_kept(0, 1, 2, &b("third")),
             Pushed::Queued { first: false }
@@ -626,10 +843,48 @@ mod tests {
             o.flush_with(|_| Err(io::ErrorKind::WouldBlock.into())),
             Flushed::Blocked
         );
-        assert_eq!(o.push_kept(0, 1, 3, &b("fourth")), Pushed::Conflated);
+        assert_eq!(
+            o.push_kept(0, 1, 3, &b("fourth")),
+            Pushed::Queued { first: false }
+        );
         let rest = raw(&o);
         wire.extend_from_slice(&rest);
-        assert_eq!(frames(&wire), ["first", "second", "fourth"]);
-        assert!(o.blocked_since().is_none());
+        assert_eq!(frames(&wire), ["first", "second", "third", "fourth"]);
+        assert!(o.stalled_since().is_none());
+    }
+
+    #[test]
+    fn behind_a_blocked_socket_positions_past_the_budget_are_conflated() {
+        let o = outbox(2);
+        o.push_kept(0, 1, 1, &b("a1"));
+        let mut wire = Vec::new();
+        assert_eq!(o.flush_with(trickle(&mut wire, 1)), Flushed::Blocked);
+        for ts in 2..=5 {
+            o.push_kept(0, 1, ts, &b(&format!("a{ts}")));
+        }
+        let rest = raw(&o);
+        wire.extend_from_slice(&rest);
+        assert_eq!(frames(&wire), ["a1", "a5"]);
+    }
+
+    #[test]
+    fn the_stall_timer_counts_from_the_last_progress() {
+        let o = outbox(64);
+        for ts in 0..10 {
+            o.push_kept(0, ts as u32, 1, &b("0123456789"));
+        }
+        let mut wire = Vec::new();
+        assert_eq!(o.flush_with(trickle(&mut wire, 5)), Flushed::Blocked);
+        let first = o.stalled_since().expect("stalled");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        // Nothing taken: the stall goes on from where it began.
+        assert_eq!(
+            o.flush_with(|_| Err(io::ErrorKind::WouldBlock.into())),
+            Flushed::Blocked
+        );
+        assert_eq!(o.stalled_since(), Some(first));
+        // A few bytes taken: progress, the stall starts again.
+        assert_eq!(o.flush_with(trickle(&mut wire, 5)), Flushed::Blocked);
+        assert!(o.stalled_since().expect("still stalled") > first);
     }
 }

@@ -26,6 +26,8 @@ pub enum Malformed {
     Timestamp,
     /// Coordinates outside the globe, or not finite.
     Coordinates,
+    /// Larger than `LIVE_MAX_RECORD_BYTES`.
+    TooLarge,
 }
 
 impl Malformed {
@@ -36,6 +38,7 @@ impl Malformed {
             Malformed::MissingField => "missing_field",
             Malformed::Timestamp => "timestamp",
             Malformed::Coordinates => "coordinates",
+            Malformed::TooLarge => "too_large",
         }
     }
 }

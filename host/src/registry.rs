@@ -11,15 +11,9 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use uuid::Uuid;
 
+use crate::ids::{ConnId, TopicIdx};
 use crate::outbox::Outbox;
 use crate::protocol;
-
-/// A topic's index, stable for the life of the process (a handful of bytes
-/// per event ever subscribed).
-pub type TopicIdx = u32;
-
-/// A connection's id.
-pub type ConnId = u64;
 
 /// The identity a delivery-stage filter may depend on, besides the topic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -73,6 +67,7 @@ impl View<'_> {
         self.0.topics.get(event)
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.0.topics.is_empty()
     }
@@ -173,6 +168,7 @@ impl Registry {
     }
 
     /// The largest number of positions any subscriber has waiting.
+    #[cfg(feature = "test-util")]
     pub fn max_pending_positions(&self) -> usize {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner
@@ -185,6 +181,7 @@ impl Registry {
     }
 
     /// Active subscriptions, all connections together.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn subscriptions(&self) -> usize {
         self.inner
             .read()
@@ -201,7 +198,13 @@ mod tests {
     fn groups_by_identity_and_cleans_up() {
         let r = Registry::default();
         let e = Uuid::new_v4();
-        let o = Arc::new(Outbox::new(1024, None));
+        let o = Arc::new(Outbox::new(
+            crate::outbox::Limits {
+                control_bytes: 1024,
+                positions: 64,
+            },
+            None,
+        ));
         let viewer = Arc::new(Identity {
             role: "viewer".into(),
             user_id: "u1".into(),

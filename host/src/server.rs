@@ -3,8 +3,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::TokioIo;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -30,13 +31,12 @@ use crate::broadcast::Work;
 use crate::config::Config;
 use crate::connection;
 use crate::consumer::{Consumer, StreamConfig};
-use crate::devices::{self, DeviceMap};
+use crate::devices;
 use crate::directus::Directus;
 use crate::filter::{Chain, ChainSpec, reload};
-use crate::latest::LatestPositions;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::registry::Registry;
+use crate::state::Shared;
 use crate::ws::WebSocket;
 
 /// Largest client frame accepted (close 1009 past it).
@@ -47,24 +47,6 @@ pub const MAX_CLIENT_FRAME: usize = 16 * 1024;
 /// in for it) hands the host any, so that its map page shares the origin of
 /// `/ws-live` as it would behind the TRM proxy; production serves none.
 pub type Pages = Arc<dyn Fn(&Method, &str) -> Option<Response> + Send + Sync>;
-
-/// State shared by the listeners, the connections and the background tasks.
-pub struct Shared {
-    pub config: Config,
-    pub directus: Directus,
-    pub db: PgPool,
-    pub registry: Arc<Registry>,
-    pub latest: Arc<LatestPositions>,
-    pub devices: Arc<DeviceMap>,
-    pub metrics: Arc<Metrics>,
-    /// Cancelled when the host starts shutting down.
-    pub shutdown: CancellationToken,
-    pub redis_ready: Arc<AtomicBool>,
-    /// The record path's queue: batches, snapshots to filter, chain swaps.
-    pub work: mpsc::Sender<Work>,
-    connections: TaskTracker,
-    next_conn: AtomicU64,
-}
 
 /// A bound, not yet running host.
 pub struct Host {
@@ -92,11 +74,7 @@ impl Host {
         install_crypto();
         let redis = redis::Client::open(config.redis_url.as_str())
             .context("REDIS_URL is not a valid Redis URL")?;
-        let db = PgPoolOptions::new()
-            .max_connections(config.postgres_max_connections)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_lazy(&config.postgres_url)
-            .context("POSTGRES_URL is not a valid PostgreSQL URL")?;
+        let db = database(&config)?;
         let metrics = Arc::new(Metrics::new());
         let spec = match &config.live_filter_chain {
             Some(path) => {
@@ -124,6 +102,7 @@ impl Host {
             config.auth_timeout(),
             config.authz_timeout(),
         );
+        let config_handshakes = config.live_ws_max_handshakes as usize;
         let shared = Arc::new(Shared {
             config,
             directus,
@@ -136,6 +115,7 @@ impl Host {
             redis_ready: Arc::default(),
             work: work_tx,
             connections: TaskTracker::new(),
+            handshakes: tokio::sync::Semaphore::new(config_handshakes),
             next_conn: AtomicU64::new(1),
         });
         Ok(Host {
@@ -167,11 +147,13 @@ impl Host {
             .expect("bound listener has an address")
     }
 
+    #[cfg(feature = "test-util")]
     pub fn metrics(&self) -> Arc<Metrics> {
         self.shared.metrics.clone()
     }
 
     /// A read-only view of the running host's state, for tests and tools.
+    #[cfg(feature = "test-util")]
     pub fn inspector(&self) -> Inspector {
         Inspector(self.shared.clone())
     }
@@ -208,10 +190,13 @@ impl Host {
             shared.devices.clone(),
             shared.registry.clone(),
             shared.metrics.clone(),
+            config.live_max_record_bytes as usize,
         );
+        // Reloaded chains: one at a time is plenty (a reload takes seconds).
+        let (chains_tx, chains) = mpsc::channel(1);
         let record_path = std::thread::Builder::new()
             .name("livecast-records".into())
-            .spawn(move || broadcaster.run(work))
+            .spawn(move || broadcaster.run(work, chains))
             .context("cannot start the record path thread")?;
         let consumer = tokio::spawn(
             Consumer {
@@ -227,7 +212,7 @@ impl Host {
             chain_fingerprint,
             config.filter_reload_poll(),
             shared.metrics.filter.clone(),
-            shared.work.clone(),
+            chains_tx,
             background.clone(),
         ));
         tokio::spawn(Consumer::lag_loop(
@@ -283,10 +268,50 @@ impl Host {
     }
 }
 
+/// How long an idle pooled connection may take to answer a ping before it
+/// is replaced. PostgreSQL answers in well under a millisecond; a connection
+/// that died silently (a restart or failover whose resets never reached
+/// us) would otherwise hold the first query for the whole acquire timeout.
+const PING_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The read-only pool of the snapshot and the device map. Connections are
+/// opened on first use: PostgreSQL may be down at start.
+fn database(config: &Config) -> anyhow::Result<PgPool> {
+    use sqlx::{ConnectOptions, Connection};
+    let options = PgConnectOptions::from_str(&config.postgres_url)
+        .context("POSTGRES_URL is not a valid PostgreSQL URL")?
+        // sqlx logs slow statements at warn, SQL included; slow snapshots
+        // have the host's own metric and warnings.
+        .log_statements(log::LevelFilter::Debug)
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
+    let fresh = Arc::new(options.clone());
+    Ok(PgPoolOptions::new()
+        .max_connections(config.postgres_max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(false)
+        .before_acquire(move |conn, _| {
+            let fresh = fresh.clone();
+            Box::pin(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(PING_TIMEOUT, conn.ping()).await {
+                    return Ok(true);
+                }
+                // Dead: a fresh connection takes its place, and dropping the
+                // old one closes its socket at once. Handing it back to sqlx
+                // to close would wait for a TLS goodbye a dead peer never
+                // sends, for the whole acquire timeout.
+                *conn = PgConnection::connect_with(&fresh).await?;
+                Ok(true)
+            })
+        })
+        .connect_lazy_with(options))
+}
+
 /// Looks inside a running host.
+#[cfg(feature = "test-util")]
 #[derive(Clone)]
 pub struct Inspector(Arc<Shared>);
 
+#[cfg(feature = "test-util")]
 impl Inspector {
     /// The largest number of positions any connection has queued.
     pub fn max_pending_positions(&self) -> usize {
@@ -296,6 +321,11 @@ impl Inspector {
     /// Active subscriptions.
     pub fn subscriptions(&self) -> usize {
         self.0.registry.subscriptions()
+    }
+
+    /// Idle connections in the database pool.
+    pub fn idle_db_connections(&self) -> usize {
+        self.0.db.num_idle()
     }
 
     /// Whether the stream consumer is connected with its group in place.
@@ -352,9 +382,30 @@ fn websocket_key(method: &Method, headers: &HeaderMap) -> Option<Vec<u8>> {
         .map(|k| k.as_bytes().to_vec())
 }
 
+/// Counts one in a gauge for as long as it lives.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 fn plain(status: StatusCode, body: &'static str) -> Response {
     (status, body).into_response()
 }
+
+/// Unsent bytes a client's socket may hold in the kernel (`TCP_NOTSENT_LOWAT`):
+/// a few writes' worth, so a large snapshot still goes out in a couple of
+/// writes.
+const SEND_LOWAT: u32 = 128 * 1024;
 
 /// The WebSocket listener: plain HTTP/1.1 with upgrades, served by hyper
 /// directly so that an upgraded connection is the bare `TcpStream` (the
@@ -377,6 +428,12 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>, pages: Opt
         };
         // Positions are small and latency matters: no Nagle delay.
         let _ = tcp.set_nodelay(true);
+        // Little unsent data in the kernel: what a slow client has not taken
+        // stays in its outbox, where newer positions conflate it, instead of
+        // seconds of stale ones in a send buffer grown to megabytes; and the
+        // socket turns writable as the client reads, which is the progress
+        // the slow-client timeout measures.
+        let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(SEND_LOWAT);
         let shared = shared.clone();
         let pages = pages.clone();
         tokio::spawn(async move {
@@ -417,6 +474,20 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         )
             .into_response();
     };
+    // Bounded: every handshake may cost a Directus call and holds request
+    // buffers, so a flood of upgrades (a reconnect storm after a deploy)
+    // queues here, briefly, instead of landing on Directus all at once.
+    let wait = shared.config.handshake_wait();
+    let Ok(Ok(_permit)) = tokio::time::timeout(wait, shared.handshakes.acquire()).await else {
+        shared.metrics.handshakes_refused.inc();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "too many connections are opening; retry in a second\n",
+        )
+            .into_response();
+    };
+    let _in_flight = InFlight::new(&shared.metrics.handshakes_in_flight);
     let (user, credential) = match auth::authenticate(
         req.headers(),
         &shared.config.live_ws_allowed_origins,
@@ -462,7 +533,7 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME);
         drop(read_buf);
         let outbox = Arc::new(Outbox::new(
-            conn_shared.config.live_ws_backpressure_threshold_bytes,
+            conn_shared.config.outbox_limits(),
             Some(socket),
         ));
         connection::serve(conn_shared, ws, outbox, user, credential, id).await;

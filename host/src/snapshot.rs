@@ -18,7 +18,8 @@ use uuid::Uuid;
 
 use crate::broadcast::{SnapshotEntry, SnapshotJob, Work};
 use crate::devices::DeviceEvents;
-use crate::latest::{DeviceIdx, LatestPositions};
+use crate::ids::DeviceIdx;
+use crate::latest::LatestPositions;
 use crate::metrics::Metrics;
 use crate::outbox::Floor;
 use crate::registry::Identity;

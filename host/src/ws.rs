@@ -95,7 +95,7 @@ impl OutFrame {
 
     /// Marks the frame as a control message (a reply, ping, pong, close):
     /// its bytes count against the backlog limit until they are written.
-    pub fn as_control(mut self) -> Self {
+    pub fn into_control(mut self) -> Self {
         self.control = true;
         self
     }

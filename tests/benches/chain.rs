@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use livecast::filter::config::{
+use livecast::test_util::Position;
+use livecast::test_util::{AudienceRef, Chain, ChainSpec, FilterMetrics, Record};
+use livecast::test_util::{
     DEFAULT_MAX_MODULE_BYTES, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, PLUGIN_DIR, PluginSpec, Policy,
 };
-use livecast::filter::{AudienceRef, Chain, ChainSpec, FilterMetrics, Record};
-use livecast::record::Position;
 
 const BATCH: usize = 256;
 const DEVICES: usize = 64;

@@ -38,7 +38,7 @@ fn scenario(name: &str, clients: usize, stuck: usize, rate: u32, secs: u64) -> S
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    livecast::server::install_crypto();
+    livecast::test_util::install_crypto();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -50,12 +50,13 @@ async fn main() -> anyhow::Result<()> {
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let server = std::env::var("POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let postgres_url = livecast::dev::schema::ensure_database(&server, "livecast_bench").await?;
+    let postgres_url =
+        livecast::test_util::schema::ensure_database(&server, "livecast_bench").await?;
     let db = PgPoolOptions::new()
         .max_connections(2)
         .connect(&postgres_url)
         .await?;
-    livecast::dev::schema::migrate(&db).await?;
+    livecast::test_util::schema::migrate(&db).await?;
     load::seed(&db, 0..1, 50).await?;
 
     let target = Target {

@@ -11,9 +11,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use livecast::dev::directus_standin::{DirectusStandIn, StandInUser};
-use livecast::metrics::Metrics;
-use livecast::server::Inspector;
+use livecast::test_util::Inspector;
+use livecast::test_util::Metrics;
+use livecast::test_util::directus_standin::{DirectusStandIn, StandInUser};
 use livecast::{Config, Host};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -223,7 +223,9 @@ impl TestEnv {
             .connect(&postgres_url)
             .await
             .expect("connect to the test schema");
-        livecast::dev::schema::migrate(&db).await.expect("migrate");
+        livecast::test_util::schema::migrate(&db)
+            .await
+            .expect("migrate");
         let org = Uuid::new_v4();
         sqlx::query("INSERT INTO organizations (id, name, slug) VALUES ($1, 'Test org', $2)")
             .bind(org)
@@ -390,6 +392,29 @@ impl TestEnv {
         .await
     }
 
+    /// `XADD`s of many positions in one pipeline: a burst, as a tracker
+    /// uploading its buffer after a coverage gap, or many trackers at once.
+    pub async fn publish_all(&self, payloads: &[Value]) {
+        let mut pipe = redis::pipe();
+        for p in payloads {
+            pipe.cmd("XADD")
+                .arg(&self.stream)
+                .arg("*")
+                .arg("ts")
+                .arg(p["timestamp"].as_str().unwrap_or_default())
+                .arg("device_id")
+                .arg(p["device_id"].as_str().unwrap_or_default())
+                .arg("codec")
+                .arg("8E")
+                .arg("payload")
+                .arg(p.to_string())
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.redis.clone())
+            .await
+            .expect("XADD pipeline");
+    }
+
     /// `XADD` of arbitrary fields (for malformed entries).
     pub async fn xadd(&self, fields: &[(&str, &str)]) -> String {
         let mut cmd = redis::cmd("XADD");
@@ -407,7 +432,7 @@ impl TestEnv {
 pub fn plugin(name: &str) -> String {
     format!(
         "{}/plugin_{}.wasm",
-        livecast::filter::config::PLUGIN_DIR,
+        livecast::test_util::PLUGIN_DIR,
         name.replace('-', "_")
     )
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use livecast::dev::directus_standin::{DirectusStandIn, StandInUser};
+use livecast::test_util::directus_standin::{DirectusStandIn, StandInUser};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};

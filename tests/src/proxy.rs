@@ -1,10 +1,11 @@
 //! A TCP proxy in front of a real service, so a test can take the service
-//! "down" (cut every connection, refuse new ones) and bring it back, without
-//! stopping the shared Redis or PostgreSQL other tests use.
+//! "down" (cut every connection, refuse new ones) and bring it back, or
+//! leave its open connections silently dead (a failover whose resets never
+//! arrive), without stopping the shared Redis or PostgreSQL other tests use.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -14,12 +15,20 @@ pub struct Proxy {
     up: Arc<AtomicBool>,
     /// Bumped on every cut; live connections watch it and end.
     generation: watch::Sender<u64>,
+    /// Bumped on every freeze; live connections watch it and go silent.
+    frozen: watch::Sender<u64>,
+    /// Frozen connections, kept open (neither forwarded nor closed).
+    silent: Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+        self.silent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 
@@ -32,7 +41,11 @@ impl Proxy {
         let addr = listener.local_addr().expect("addr");
         let up = Arc::new(AtomicBool::new(true));
         let (generation, _) = watch::channel(0u64);
+        let (frozen, _) = watch::channel(0u64);
+        let silent = Arc::new(Mutex::new(Vec::new()));
         let gen_tx = generation.clone();
+        let frozen_tx = frozen.clone();
+        let held = silent.clone();
         let up2 = up.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
@@ -40,14 +53,22 @@ impl Proxy {
                     continue; // dropped: the connection is refused/reset
                 }
                 let mut cut = gen_tx.subscribe();
+                let mut freeze = frozen_tx.subscribe();
                 let upstream = upstream.clone();
+                let held = held.clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(&upstream).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.changed() => {}
+                    let silenced = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = cut.changed() => false,
+                        _ = freeze.changed() => true,
+                    };
+                    if silenced {
+                        held.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((client, server));
                     }
                 });
             }
@@ -56,6 +77,8 @@ impl Proxy {
             addr,
             up,
             generation,
+            frozen,
+            silent,
             task,
         }
     }
@@ -64,6 +87,13 @@ impl Proxy {
     pub fn down(&self) {
         self.up.store(false, Ordering::Relaxed);
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Leaves every open connection silently dead: nothing is forwarded and
+    /// nothing closed, as after a failover whose resets never reach the
+    /// client. New connections are forwarded as usual.
+    pub fn freeze(&self) {
+        self.frozen.send_modify(|g| *g += 1);
     }
 
     /// Accepts connections again.

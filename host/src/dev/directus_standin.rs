@@ -39,6 +39,8 @@ struct Inner {
     users: RwLock<HashMap<String, StandInUser>>,
     events: RwLock<HashSet<Uuid>>,
     failing: AtomicBool,
+    /// Milliseconds every `/users/me` answer waits (a slow Directus).
+    delay_ms: AtomicU64,
     users_me_calls: AtomicU64,
     items_calls: AtomicU64,
 }
@@ -102,7 +104,11 @@ impl DirectusStandIn {
             .unwrap_or_else(|e| e.into_inner())
             .insert(token.to_owned(), user);
     }
+}
 
+/// What tests do to the stand-in besides adding users.
+#[cfg(feature = "test-util")]
+impl DirectusStandIn {
     /// Ends a session: the token is no longer accepted (as after an expiry
     /// or a logout).
     pub fn end_session(&self, token: &str) {
@@ -126,6 +132,13 @@ impl DirectusStandIn {
     /// When set, every call answers 503 (an outage).
     pub fn set_failing(&self, failing: bool) {
         self.inner.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Makes every `/users/me` answer wait this long (a slow Directus).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.inner
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// `/users/me` calls served so far.
@@ -185,6 +198,10 @@ fn user_of(inner: &Inner, headers: &HeaderMap) -> Option<StandInUser> {
 
 async fn users_me(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
     inner.users_me_calls.fetch_add(1, Ordering::Relaxed);
+    let delay = inner.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     if inner.failing.load(Ordering::Relaxed) {
         return unavailable();
     }

@@ -12,7 +12,7 @@ use wasmtime::{
     PoolingAllocationConfig, ValType,
 };
 
-use super::instance::{Sandbox, link_log};
+use super::sandbox::{Sandbox, link_log};
 
 /// Resolution of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
@@ -21,8 +21,6 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(2);
 pub struct Compiled {
     pub pre: InstancePre<Sandbox>,
     pub has_deliver: bool,
-    /// Hex SHA-256 of the module bytes.
-    pub hash: String,
 }
 
 /// The process's engine.
@@ -114,11 +112,7 @@ impl FilterEngine {
             .linker
             .instantiate_pre(&module)
             .map_err(|e| format!("cannot link the module: {e:#}"))?;
-        let compiled = Arc::new(Compiled {
-            pre,
-            has_deliver,
-            hash: digest.iter().map(|b| format!("{b:02x}")).collect(),
-        });
+        let compiled = Arc::new(Compiled { pre, has_deliver });
         self.cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())

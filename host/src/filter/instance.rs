@@ -6,15 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Store, Trap, TypedFunc};
+use wasmtime::{Memory, Store, Trap, TypedFunc};
 
 use bytes::Bytes;
 
-use super::Record;
 use super::abi::{self, AudienceRef, RawVerdict};
 use super::engine::{Compiled, EPOCH_TICK, FilterEngine};
-use super::plugin::Decided;
-use crate::ratelimit::LogLimiter;
+use super::record::{Decided, Record};
+use super::sandbox::Sandbox;
 use crate::record::Position;
 
 /// Why a call failed. The names are metric labels.
@@ -52,75 +51,6 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// The host state of a store: limits and logging.
-pub struct Sandbox {
-    plugin: Arc<str>,
-    memory_limit: usize,
-    memory_denied: bool,
-    log_limit: LogLimiter,
-    /// The last error the plugin logged: the reason `init` gives for a refusal.
-    last_error: Option<String>,
-}
-
-impl ResourceLimiter for Sandbox {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.memory_limit {
-            self.memory_denied = true;
-            return Ok(false);
-        }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 10_000)
-    }
-}
-
-const MAX_LOG_LINE: usize = 1024;
-
-/// The only import: `livecast::log(level, ptr, len)`.
-pub fn link_log(linker: &mut Linker<Sandbox>) -> wasmtime::Result<()> {
-    linker.func_wrap(
-        "livecast",
-        "log",
-        |mut caller: Caller<'_, Sandbox>, level: i32, ptr: i32, len: i32| {
-            let Some(memory) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
-                return;
-            };
-            let (data, sandbox) = memory.data_and_store_mut(&mut caller);
-            let (ptr, len) = (ptr as u32 as usize, (len as u32 as usize).min(MAX_LOG_LINE));
-            let Some(bytes) = ptr.checked_add(len).and_then(|end| data.get(ptr..end)) else {
-                return;
-            };
-            let message = String::from_utf8_lossy(bytes).into_owned();
-            if level == 0 {
-                sandbox.last_error = Some(message.clone());
-            }
-            let Some(held_back) = sandbox.log_limit.allow() else {
-                return;
-            };
-            let plugin = &*sandbox.plugin;
-            match level {
-                0 => tracing::error!(plugin, held_back, "{message}"),
-                1 => tracing::warn!(plugin, held_back, "{message}"),
-                2 => tracing::info!(plugin, held_back, "{message}"),
-                _ => tracing::debug!(plugin, held_back, "{message}"),
-            }
-        },
-    )?;
-    Ok(())
-}
-
 /// A live instance.
 pub struct Instance {
     store: Store<Sandbox>,
@@ -143,13 +73,7 @@ impl Instance {
         memory_limit: usize,
         timeout: Duration,
     ) -> Result<Instance, Failure> {
-        let sandbox = Sandbox {
-            plugin: plugin.clone(),
-            memory_limit,
-            memory_denied: false,
-            log_limit: LogLimiter::new(Duration::from_secs(1)),
-            last_error: None,
-        };
+        let sandbox = Sandbox::new(plugin.clone(), memory_limit);
         let mut store = Store::new(engine.engine(), sandbox);
         store.limiter(|s| s);
         store.epoch_deadline_trap();

@@ -16,11 +16,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
-use super::FilterMetrics;
-use super::Record;
 use super::config::{PluginSpec, Policy};
 use super::engine::{Compiled, FilterEngine};
 use super::instance::{Failure, Instance};
+use super::record::Decided;
+use crate::metrics::FilterMetrics;
 use crate::ratelimit::LogLimiter;
 
 /// Items re-run one by one after a failed call, at most, before the rest of
@@ -31,15 +31,6 @@ const MAX_ISOLATION_FAILURES: usize = 4;
 const BREAKER_THRESHOLD: u32 = 3;
 const BREAKER_MIN_BACKOFF: Duration = Duration::from_secs(1);
 const BREAKER_MAX_BACKOFF: Duration = Duration::from_secs(60);
-
-/// A decision on one item, replacements validated and decoded. Boxed so
-/// that the common case (a table of passes) stays two words per item.
-#[derive(Debug, Clone)]
-pub enum Decided {
-    Pass,
-    Drop,
-    Replace(Box<Record>),
-}
 
 struct Breaker {
     bad_calls: u32,

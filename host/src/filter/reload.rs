@@ -1,8 +1,8 @@
 //! Hot reload of the chain file: on SIGHUP, or when the file or a module it
 //! names changes. The new chain is read, compiled and `init`ed off the record
-//! path; only a chain that loaded completely is handed over, and the record
-//! path swaps it in between two batches. Anything wrong keeps the running
-//! chain.
+//! path; only a chain that loaded completely is sent to the record path, on
+//! a channel of its own, and swapped in before the next batch. Anything
+//! wrong keeps the running chain.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,10 +12,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::Chain;
 use super::config::ChainSpec;
-use super::{Chain, FilterMetrics};
-use crate::broadcast::Work;
-use crate::metrics::inc;
+use crate::metrics::{FilterMetrics, inc};
 
 /// A digest of everything a chain is made of: two chains with the same
 /// fingerprint behave the same.
@@ -47,7 +46,7 @@ pub async fn watch(
     started_with: [u8; 32],
     every: Duration,
     metrics: Arc<FilterMetrics>,
-    work: mpsc::Sender<Work>,
+    chains: mpsc::Sender<Box<Chain>>,
     cancel: CancellationToken,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -101,7 +100,7 @@ pub async fn watch(
         match loaded {
             Ok(Ok(chain)) => {
                 let names = chain.names();
-                if work.send(Work::Swap(Box::new(chain))).await.is_err() {
+                if chains.send(Box::new(chain)).await.is_err() {
                     return;
                 }
                 running = print;

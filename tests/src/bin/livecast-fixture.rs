@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use livecast::Host;
-use livecast::dev::{demo, page};
+use livecast::test_util::{demo, page};
 use livecast_tests::{Proxy, TestEnv, TestHost, cookie, iso, now_ms, payload, proxy};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};

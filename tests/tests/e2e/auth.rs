@@ -1,6 +1,6 @@
 //! Who may open a socket (live-ws.md §2).
 
-use livecast::metrics::Metrics;
+use livecast::test_util::Metrics;
 use livecast_tests::*;
 
 const A: &str = "356307042441013";
@@ -146,4 +146,60 @@ async fn foreign_origin_gets_403_and_same_origin_passes() {
         .err(),
         Some(403)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_past_the_handshake_limit_wait_then_get_503_with_retry_after() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let env = TestEnv::new().await;
+    let event = env.event(&[A]).await;
+    env.user("good", None, &[event]);
+    let mut config = env.config();
+    config.live_ws_max_handshakes = 2;
+    config.live_ws_handshake_wait_ms = 300;
+    let host = env.start_host_with(config).await;
+
+    // Directus answers slowly: two upgrades hold both handshake slots.
+    env.directus.set_delay(std::time::Duration::from_secs(3));
+    let url = host.ws_url.clone();
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { Client::connect(&url, &[("cookie", &cookie("good"))]).await })
+        })
+        .collect();
+    assert!(eventually(|| async { env.directus.users_me_calls() == 2 }).await);
+    assert_eq!(host.metrics.handshakes_in_flight.get(), 2);
+
+    // A third waits its 300 ms, then is told to come back, without costing
+    // Directus a call.
+    let mut req = url.as_str().into_client_request().expect("request");
+    req.headers_mut()
+        .insert("cookie", cookie("good").parse().expect("cookie"));
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            assert_eq!(
+                resp.headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()),
+                Some("1")
+            );
+        }
+        other => panic!("expected 503, got {:?}", other.map(|_| "a socket")),
+    }
+    assert_eq!(host.metrics.handshakes_refused.get(), 1);
+    assert_eq!(env.directus.users_me_calls(), 2);
+
+    // The two slow ones get through, and the slots are free again.
+    for s in slow {
+        assert!(s.await.expect("task").is_ok());
+    }
+    env.directus.set_delay(std::time::Duration::ZERO);
+    assert!(
+        Client::connect(&url, &[("cookie", &cookie("good"))])
+            .await
+            .is_ok()
+    );
+    assert_eq!(host.metrics.handshakes_in_flight.get(), 0);
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use livecast::filter::FilterMetrics;
+use livecast::test_util::FilterMetrics;
 use livecast_tests::*;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -326,7 +326,8 @@ async fn a_hot_reload_under_traffic_loses_no_connection_and_no_record() {
             ));
         }
         if reloaded_at.is_none()
-            && livecast::metrics::Metrics::count(&host.metrics.filter.reloads, "result", "ok") == 1
+            && livecast::test_util::Metrics::count(&host.metrics.filter.reloads, "result", "ok")
+                == 1
         {
             reloaded_at = Some(i);
         }
@@ -361,7 +362,8 @@ async fn a_hot_reload_under_traffic_loses_no_connection_and_no_record() {
     env.chain_file("[[plugin]]\npath = \"/nonexistent.wasm\"\n");
     assert!(
         eventually(|| async {
-            livecast::metrics::Metrics::count(&host.metrics.filter.reloads, "result", "error") == 1
+            livecast::test_util::Metrics::count(&host.metrics.filter.reloads, "result", "error")
+                == 1
         })
         .await
     );
@@ -412,7 +414,7 @@ async fn a_plugin_written_by_hand_from_the_abi_page_works() {
             host.metrics
                 .filter
                 .failures
-                .get(&livecast::filter::FailureLabel {
+                .get(&livecast::test_util::FailureLabel {
                     plugin: "by-hand".into(),
                     kind: "malformed".into()
                 })

@@ -102,3 +102,33 @@ async fn postgres_going_away_serves_snapshots_from_memory() {
         "the database answers again"
     );
 }
+
+#[tokio::test]
+async fn a_pooled_connection_that_died_silently_does_not_stall_a_snapshot() {
+    let env = TestEnv::new().await;
+    let event = env.event(&[A]).await;
+    env.user("u", None, &[event]);
+    // Only the database knows this position: a snapshot from memory would
+    // be empty.
+    let ts = now_ms() - 60_000;
+    env.insert_position(A, ts, 1.0, 1.0, false).await;
+    let proxy = Proxy::start(proxy::authority(&services().postgres_url)).await;
+    let mut config = env.config();
+    config.postgres_url = via(&env.postgres_url, proxy.addr);
+    // Only the snapshots use the pool meanwhile.
+    config.live_device_event_refresh_ms = 600_000;
+    let host = env.start_host_with(config).await;
+    let mut c = host.connect(&cookie("u")).await;
+    assert_eq!(c.subscribe(event, "s1").await["snapshot"][0]["ts"], ts);
+    assert!(eventually(|| async { host.inspector.idle_db_connections() > 0 }).await);
+
+    // PostgreSQL "comes back" behind a new path: every pooled connection is
+    // dead without knowing it, new ones work.
+    proxy.freeze();
+    let sub = c.subscribe(event, "s2").await;
+    assert_eq!(
+        sub["snapshot"][0]["ts"], ts,
+        "the snapshot still comes from the database: {sub}"
+    );
+    assert_eq!(host.metrics.snapshot_failures.get(), 0);
+}

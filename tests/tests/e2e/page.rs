@@ -3,7 +3,7 @@
 //! sets reaches the upgrade and the same-origin check passes.
 
 use livecast::Host;
-use livecast::dev::page;
+use livecast::test_util::page;
 use livecast_tests::*;
 
 const A: &str = "356307042441013";

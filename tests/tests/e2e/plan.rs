@@ -2,7 +2,7 @@
 //! device's history (upstream.md), on a table big enough for the planner to
 //! mean it.
 
-use livecast::snapshot::SNAPSHOT_SQL;
+use livecast::test_util::SNAPSHOT_SQL;
 use livecast_tests::*;
 
 #[tokio::test]
@@ -59,7 +59,7 @@ async fn the_snapshot_query_descends_the_index_once_per_device() {
     assert_eq!(rows.len(), 100);
     // Rows are stream payloads; the last fix (s = 1999) is not faulty (1999 % 7 != 0).
     for row in &rows {
-        let p = livecast::record::Position::decode(row.as_bytes()).expect("a valid payload");
+        let p = livecast::test_util::Position::decode(row.as_bytes()).expect("a valid payload");
         assert_eq!(p.ts_ms, (1_767_225_600 + 1_999) * 1_000, "{row}");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use livecast::metrics::Metrics;
+use livecast::test_util::Metrics;
 use livecast_tests::*;
 use redis::Value as RedisValue;
 use serde_json::Value;
@@ -218,6 +218,56 @@ async fn malformed_entries_are_skipped_and_counted_and_the_next_one_delivered() 
         host.scrape()
             .await
             .contains("livecast_records_malformed_total{reason=\"json\"} 1")
+    );
+}
+
+#[tokio::test]
+async fn an_entry_over_the_size_limit_is_skipped_before_anyone_gets_it() {
+    let env = TestEnv::new().await;
+    let event = env.event(&[A]).await;
+    env.user("u", None, &[event]);
+    let host = env.start_host().await;
+    let mut c = host.connect(&cookie("u")).await;
+    c.subscribe(event, "s").await;
+
+    // A valid position, 10 MiB of it in one attribute.
+    let ts = now_ms();
+    let mut huge = payload(A, ts, 1.0, 1.0);
+    huge["attributes"]["9999"] = Value::from("x".repeat(10 << 20));
+    env.publish(&huge).await;
+    env.publish(&payload(A, ts + 1, 1.0, 1.0)).await;
+    let got = c.ts_until(A, ts + 1).await;
+    assert_eq!(got, [Value::from(ts + 1)], "only the normal record arrives");
+    assert_eq!(
+        Metrics::count(&host.metrics.records_malformed, "reason", "too_large"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn nothing_written_after_the_stream_is_deleted_is_lost() {
+    let env = TestEnv::new().await;
+    let event = env.event(&[A]).await;
+    env.user("u", None, &[event]);
+    let host = env.start_host().await;
+    let mut c = host.connect(&cookie("u")).await;
+    c.subscribe(event, "s").await;
+    let ts = now_ms();
+    env.publish(&payload(A, ts, 1.0, 1.0)).await;
+    assert_eq!(c.ts_until(A, ts).await, [Value::from(ts)]);
+
+    // Someone deletes the stream under the host's blocked read, and the
+    // ingestion service writes the next record at once.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&env.stream)
+        .query_async(&mut env.redis.clone())
+        .await
+        .expect("DEL");
+    env.publish(&payload(A, ts + 1, 2.0, 2.0)).await;
+    env.publish(&payload(A, ts + 2, 3.0, 3.0)).await;
+    assert_eq!(
+        c.ts_until(A, ts + 2).await,
+        [Value::from(ts + 1), Value::from(ts + 2)]
     );
 }
 

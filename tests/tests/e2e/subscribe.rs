@@ -1,7 +1,7 @@
 //! Subscriptions, authorization at subscribe time and snapshots
 //! (live-ws.md §3, §4).
 
-use livecast::metrics::Metrics;
+use livecast::test_util::Metrics;
 use livecast_tests::*;
 use serde_json::{Value, json};
 use std::time::Duration;

@@ -1,0 +1,40 @@
+//! What the listeners, the connections and the background tasks share: the
+//! settings, the clients of the three services, and the structures the
+//! record path and the control path meet in (see docs/architecture.md).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broadcast::Work;
+use crate::config::Config;
+use crate::devices::DeviceMap;
+use crate::directus::Directus;
+use crate::latest::LatestPositions;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// State shared by the listeners, the connections and the background tasks.
+pub struct Shared {
+    pub config: Config,
+    pub directus: Directus,
+    pub db: PgPool,
+    pub registry: Arc<Registry>,
+    pub latest: Arc<LatestPositions>,
+    pub devices: Arc<DeviceMap>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the host starts shutting down.
+    pub shutdown: CancellationToken,
+    pub redis_ready: Arc<AtomicBool>,
+    /// The record path's queue: batches and snapshots to filter.
+    pub work: mpsc::Sender<Work>,
+    /// Upgrades being authenticated (`LIVE_WS_MAX_HANDSHAKES`).
+    pub handshakes: tokio::sync::Semaphore,
+    /// Every connection's task, so shutdown can wait for them to drain.
+    pub connections: TaskTracker,
+    pub next_conn: AtomicU64,
+}
