@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::directus::{Authz, Credential, User};
 use crate::ids::ConnId;
-use crate::metrics::inc;
+use crate::metrics::{Counted, inc};
 use crate::outbox::{Flushed, Outbox};
 use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
 use crate::registry::Identity;
@@ -175,7 +175,7 @@ pub async fn serve(
     id: ConnId,
 ) {
     let metrics = shared.metrics.clone();
-    metrics.connections.inc();
+    let _open = Counted::new(&metrics.connections);
     tracing::debug!(conn = id, user = %user.id, "connected");
     if user.role.is_none() {
         // Directus leaves `role` out of /users/me unless the user's policy may
@@ -205,21 +205,22 @@ pub async fn serve(
     if let Some((code, reason)) = end.close() {
         let grace = match end {
             End::Shutdown => conn.shared.config.drain_timeout(),
-            _ => Duration::from_secs(2),
+            _ => CLOSE_GRACE,
         };
-        if matches!(end, End::Protocol | End::InvalidUtf8 | End::TooLarge) {
-            ws.discard_input();
-        }
         close(&mut ws, &conn.outbox, code, reason, grace).await;
     }
-    conn.outbox.close();
-    metrics.connections.dec();
     tracing::debug!(conn = id, reason = end.label(), "disconnected");
 }
 
+/// How long a client has to answer a close the host starts (other than at
+/// shutdown) before TCP is closed anyway. A client that answers is let go
+/// the moment its close arrives.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// Sends a close frame in place of whatever was still queued (a closing
 /// client needs no more positions) and waits, up to `grace`, for the
-/// client's.
+/// client's; returning drops the socket, so TCP closes right after the
+/// closing handshake (RFC 6455 §7.1.1).
 async fn close(
     ws: &mut WebSocket,
     outbox: &Outbox,
@@ -228,6 +229,10 @@ async fn close(
     grace: Duration,
 ) {
     outbox.replace_with_close(OutFrame::close(code, reason));
+    // Skips the rest of a refused frame and anything else the client sends
+    // until its close, so that the close is seen however it broke the
+    // protocol.
+    ws.closing();
     let _ = tokio::time::timeout(grace, async {
         loop {
             match outbox.flush() {
@@ -239,6 +244,11 @@ async fn close(
                 }
                 Flushed::Overflow | Flushed::Gone => return,
             }
+        }
+        if ws.peer_closed() {
+            // The close we answered was the client's (or came with the
+            // frame we refused): the handshake is complete.
+            return;
         }
         let mut got = Vec::new();
         while ws.read(&mut got).await.is_ok() {
@@ -310,8 +320,9 @@ impl Conn {
                             }
                             Incoming::Pong => {}
                             Incoming::Close(code) => {
-                                // Complete the closing handshake the client started.
-                                let echo = code.filter(|c| sendable(*c)).unwrap_or(1000);
+                                // Complete the closing handshake the client
+                                // started (the decoder refused invalid codes).
+                                let echo = code.unwrap_or(1000);
                                 self.outbox.replace_with_close(OutFrame::close(echo, ""));
                                 let _ = self.outbox.flush();
                                 return End::Client;
@@ -397,6 +408,8 @@ impl Conn {
 
     /// Removes every subscription of the connection, including one whose
     /// subscribe was still in flight, so the record path stops pushing.
+    /// Runs again when the connection is dropped, however it ends (a task
+    /// abandoned at the drain timeout too); it then finds nothing left.
     fn unregister(&mut self) {
         let pending = self.requests.abandon();
         for event in self.subscriptions.drain().chain(pending) {
@@ -407,10 +420,11 @@ impl Conn {
     }
 }
 
-/// Close codes that may appear on the wire (RFC 6455 §7.4): 1005, 1006 and
-/// 1015 are reserved for reporting, never sent.
-fn sendable(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.unregister();
+        self.outbox.close();
+    }
 }
 
 /// Authorize, register, snapshot, release: in this order, so that no live

@@ -229,6 +229,23 @@ impl Metrics {
     }
 }
 
+/// One more in a gauge for as long as it lives (a connection, a handshake),
+/// however its owner ends.
+pub struct Counted(Gauge);
+
+impl Counted {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// `family{key=value} += 1`.
 pub fn inc(family: &CounterFamily, key: &'static str, value: &'static str) {
     family.get_or_create(&[(key, value)]).inc();

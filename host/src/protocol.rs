@@ -332,3 +332,182 @@ mod tests {
         );
     }
 }
+
+/// Property tests of request parsing (run more cases with `PROPTEST_CASES`,
+/// see docs/operations.md).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// JSON whitespace, sometimes none.
+    fn ws() -> impl Strategy<Value = String> {
+        "[ \t\r\n]{0,3}"
+    }
+
+    /// The forms `Uuid::try_parse` accepts, any case.
+    fn topic_of_form(event: Uuid, form: u8, upper: bool) -> String {
+        let id = match form {
+            0 => event.hyphenated().to_string(),
+            1 => event.simple().to_string(),
+            2 => event.braced().to_string(),
+            _ => event.urn().to_string(),
+        };
+        format!("event:{}", if upper { id.to_uppercase() } else { id })
+    }
+
+    /// Characters JSON must escape, and a few it need not.
+    const ESCAPES: &str = "[\\x00-\\x20\"\\\\/\\x7fa-zé€😀]{0,40}";
+
+    /// Any string a client may put in `id` (128 characters at most).
+    fn id() -> impl Strategy<Value = Option<String>> {
+        prop::option::of(prop_oneof![any::<String>(), "\\PC{0,128}", ESCAPES])
+            .prop_map(|id| id.map(|s| s.chars().take(MAX_ID_LEN).collect()))
+    }
+
+    /// A well-formed request: its text (fields in any order, any
+    /// whitespace, `"id": null` for no id) and what it must parse to.
+    fn request() -> impl Strategy<Value = (String, Request)> {
+        (
+            any::<bool>(),
+            any::<u128>(),
+            (0..4u8, any::<bool>()),
+            id(),
+            any::<bool>(),
+            Just(()).prop_perturb(|_, mut rng| {
+                let mut order = [0usize, 1, 2];
+                for i in (1..3).rev() {
+                    order.swap(i, rng.random_range(0..=i));
+                }
+                order
+            }),
+            prop::collection::vec(ws(), 12),
+        )
+            .prop_map(|(sub, uuid, (form, upper), id, null_id, order, gaps)| {
+                let event = Uuid::from_u128(uuid);
+                let kind = if sub { "subscribe" } else { "unsubscribe" };
+                let topic = topic_of_form(event, form, upper);
+                let id_json = match (&id, null_id) {
+                    (Some(i), _) => Some(Value::from(i.as_str()).to_string()),
+                    (None, true) => Some("null".to_owned()),
+                    (None, false) => None,
+                };
+                let fields: Vec<(&str, String)> = [
+                    Some(("type", Value::from(kind).to_string())),
+                    Some(("topic", Value::from(topic).to_string())),
+                    id_json.map(|j| ("id", j)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                let mut text = format!("{}{{", gaps[0]);
+                let mut g = gaps[1..].iter();
+                let mut sep = "";
+                for &i in order.iter().filter(|&&i| i < fields.len()) {
+                    let (k, v) = &fields[i];
+                    let mut gap = || g.next().map_or("", String::as_str);
+                    text += &format!("{sep}{}\"{k}\"{}:{}{v}{}", gap(), gap(), gap(), gap());
+                    sep = ",";
+                }
+                text += "}";
+                let kind = if sub {
+                    RequestKind::Subscribe
+                } else {
+                    RequestKind::Unsubscribe
+                };
+                (text, Request { kind, event, id })
+            })
+    }
+
+    /// Text near the grammar: fragments of requests, glued at random.
+    fn near_json() -> impl Strategy<Value = String> {
+        let token = prop_oneof![
+            Just("{".to_owned()),
+            Just("}".to_owned()),
+            Just("[".to_owned()),
+            Just("]".to_owned()),
+            Just(",".to_owned()),
+            Just(":".to_owned()),
+            Just("\"type\"".to_owned()),
+            Just("\"topic\"".to_owned()),
+            Just("\"id\"".to_owned()),
+            Just("\"subscribe\"".to_owned()),
+            Just("\"unsubscribe\"".to_owned()),
+            Just("\"event:0b6c7c1e-3a3b-4b8e-9d1a-2f6f5c4e8a10\"".to_owned()),
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            Just("-1.5e3".to_owned()),
+            Just("\"\\u0000\\ud800\"".to_owned()),
+            "\"[^\"\\\\]{0,140}\"",
+            ESCAPES.prop_map(|s| Value::from(s).to_string()),
+            ws(),
+        ];
+        prop::collection::vec(token, 0..16).prop_map(|t| t.concat())
+    }
+
+    fn any_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            near_json(),
+            request().prop_map(|(t, _)| t),
+            // A request with a piece cut out or a character put in.
+            (
+                request(),
+                any::<prop::sample::Index>(),
+                any::<char>(),
+                0..4usize
+            )
+                .prop_map(|((t, _), at, c, cut)| {
+                    let mut chars: Vec<char> = t.chars().collect();
+                    let i = at.index(chars.len() + 1);
+                    let end = (i + cut).min(chars.len());
+                    chars.splice(i..end, [c]);
+                    chars.into_iter().collect()
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn prop_a_well_formed_request_parses_to_itself((text, want) in request()) {
+            let got = parse(&text);
+            prop_assert_eq!(got.as_ref(), Ok(&want), "{}", text);
+            let topic = want.topic();
+            prop_assert_eq!(topic.len(), "event:".len() + 36);
+            // Its replies carry the canonical topic and the id, as sent.
+            let reply: Value = serde_json::from_slice(&unsubscribed(&topic, want.id.as_deref()))
+                .expect("JSON reply");
+            prop_assert_eq!(reply["topic"].as_str(), Some(topic.as_str()));
+            prop_assert_eq!(reply["id"].as_str(), want.id.as_deref());
+        }
+
+        /// Anything: no panic; a refusal is `bad-request` or
+        /// `unknown-topic`, echoes no id over 128 characters, and makes a
+        /// valid `error` message; an accepted text is a request object.
+        #[test]
+        fn prop_any_text_gets_a_request_or_a_valid_error(text in any_text()) {
+            match parse(&text) {
+                Ok(req) => {
+                    let v: Value = serde_json::from_str(&text).expect("accepted text is JSON");
+                    prop_assert_eq!(v["type"].as_str(), Some(match req.kind {
+                        RequestKind::Subscribe => "subscribe",
+                        RequestKind::Unsubscribe => "unsubscribe",
+                    }));
+                    prop_assert_eq!(v["id"].as_str(), req.id.as_deref());
+                    prop_assert!(v["topic"].as_str().is_some_and(|t| t.starts_with("event:")));
+                }
+                Err(e) => {
+                    prop_assert!(matches!(e.code, ErrorCode::BadRequest | ErrorCode::UnknownTopic));
+                    prop_assert!(e.id.as_ref().is_none_or(|i| i.chars().count() <= MAX_ID_LEN));
+                    let msg: Value = serde_json::from_slice(&error(&e)).expect("JSON error");
+                    prop_assert_eq!(msg["type"].as_str(), Some("error"));
+                    prop_assert_eq!(msg["code"].as_str(), Some(e.code.as_str()));
+                    prop_assert_eq!(msg["id"].as_str(), e.id.as_deref());
+                    prop_assert_eq!(msg["topic"].as_str(), e.topic.as_deref());
+                    prop_assert_eq!(msg["message"].as_str(), Some(e.message));
+                }
+            }
+        }
+    }
+}

@@ -33,8 +33,10 @@ use crate::connection;
 use crate::consumer::{Consumer, StreamConfig};
 use crate::devices;
 use crate::directus::Directus;
+use crate::directus::{Credential, User};
 use crate::filter::{Chain, ChainSpec, reload};
-use crate::metrics::Metrics;
+use crate::ids::ConnId;
+use crate::metrics::{Counted, Metrics};
 use crate::outbox::Outbox;
 use crate::state::Shared;
 use crate::ws::WebSocket;
@@ -112,6 +114,7 @@ impl Host {
             devices: Arc::default(),
             metrics,
             shutdown: CancellationToken::new(),
+            abandon: CancellationToken::new(),
             redis_ready: Arc::default(),
             work: work_tx,
             connections: TaskTracker::new(),
@@ -255,8 +258,15 @@ impl Host {
             .await
             .is_err()
         {
-            tracing::warn!("drain timeout: dropping the remaining connections");
+            tracing::warn!(
+                connections = shared.metrics.connections.get(),
+                "drain timeout: dropping the remaining connections"
+            );
+            shared.abandon.cancel();
+            shared.connections.wait().await;
         }
+        // No connection is left to ask for a snapshot: the record path can
+        // stop without one waiting behind its Stop.
         background.cancel();
         let _ = consumer.await;
         let _ = shared.work.send(Work::Stop).await;
@@ -366,8 +376,19 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Why an upgrade request is refused before anything else is checked.
+#[derive(Debug, PartialEq, Eq)]
+enum NotUpgrade {
+    /// Not a WebSocket upgrade, or not version 13: 426, naming the protocol
+    /// and the version the host speaks (RFC 6455 §4.2.2).
+    Required,
+    /// A version 13 upgrade without exactly one `Sec-WebSocket-Key` that is
+    /// the base64 of 16 bytes: a malformed handshake, 400 (§4.2.1, §11.3.1).
+    BadKey,
+}
+
 /// The `Sec-WebSocket-Key` of a valid upgrade request.
-fn websocket_key(method: &Method, headers: &HeaderMap) -> Option<Vec<u8>> {
+fn websocket_key(method: &Method, headers: &HeaderMap) -> Result<Vec<u8>, NotUpgrade> {
     let valid = method == Method::GET
         && header_has_token(headers, header::CONNECTION, "upgrade")
         && header_has_token(headers, header::UPGRADE, "websocket")
@@ -375,27 +396,30 @@ fn websocket_key(method: &Method, headers: &HeaderMap) -> Option<Vec<u8>> {
             .get(header::SEC_WEBSOCKET_VERSION)
             .is_some_and(|v| v == "13");
     if !valid {
-        return None;
+        return Err(NotUpgrade::Required);
     }
-    headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| k.as_bytes().to_vec())
-}
-
-/// Counts one in a gauge for as long as it lives.
-struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl<'a> InFlight<'a> {
-    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        Self(gauge)
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(key), None) if is_nonce(key.as_bytes()) => Ok(key.as_bytes().to_vec()),
+        _ => Err(NotUpgrade::BadKey),
     }
 }
 
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
+/// Whether `key` is exactly the base64 of 16 bytes, as RFC 6455 §4.1 has a
+/// client send. Re-encoding refuses what a decoder alone would let through
+/// (padding inside the string, bits set past the 16th byte).
+fn is_nonce(key: &[u8]) -> bool {
+    use data_encoding::BASE64;
+    if key.len() != 24 {
+        return false;
     }
+    let mut nonce = [0u8; 18];
+    if BASE64.decode_mut(key, &mut nonce) != Ok(16) {
+        return false;
+    }
+    let mut again = [0u8; 24];
+    BASE64.encode_mut(&nonce[..16], &mut again);
+    again == key
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response {
@@ -434,9 +458,13 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>, pages: Opt
         // socket turns writable as the client reads, which is the progress
         // the slow-client timeout measures.
         let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(SEND_LOWAT);
+        let stop = shared.shutdown.clone();
         let shared = shared.clone();
         let pages = pages.clone();
-        tokio::spawn(async move {
+        // Tracked with the connections, and dropped at shutdown: a handshake
+        // still waiting on Directus then gets no 101 from a stopping host.
+        let tracker = shared.connections.clone();
+        tracker.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
                 let pages = pages.clone();
@@ -450,14 +478,17 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>, pages: Opt
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let http = hyper::server::conn::http1::Builder::new()
                 // Without a timer hyper applies no header timeout, and an
                 // idle or trickling connection would be held for ever.
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = http => {}
+            }
         });
     }
 }
@@ -466,13 +497,26 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
     if shared.shutdown.is_cancelled() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
-    let Some(key) = websocket_key(req.method(), req.headers()) else {
-        return (
-            StatusCode::UPGRADE_REQUIRED,
-            [(header::UPGRADE, "websocket")],
-            "this endpoint speaks WebSocket\n",
-        )
-            .into_response();
+    let key = match websocket_key(req.method(), req.headers()) {
+        Ok(key) => key,
+        Err(NotUpgrade::Required) => {
+            return (
+                StatusCode::UPGRADE_REQUIRED,
+                [
+                    (header::CONNECTION, "upgrade"),
+                    (header::UPGRADE, "websocket"),
+                    (header::SEC_WEBSOCKET_VERSION, "13"),
+                ],
+                "this endpoint speaks WebSocket, version 13\n",
+            )
+                .into_response();
+        }
+        Err(NotUpgrade::BadKey) => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Key must be the base64 of 16 bytes\n",
+            );
+        }
     };
     // Bounded: every handshake may cost a Directus call and holds request
     // buffers, so a flood of upgrades (a reconnect storm after a deploy)
@@ -487,7 +531,7 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         )
             .into_response();
     };
-    let _in_flight = InFlight::new(&shared.metrics.handshakes_in_flight);
+    let _in_flight = Counted::new(&shared.metrics.handshakes_in_flight);
     let (user, credential) = match auth::authenticate(
         req.headers(),
         &shared.config.live_ws_allowed_origins,
@@ -509,34 +553,13 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
     let on_upgrade = hyper::upgrade::on(&mut req);
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let conn_shared = shared.clone();
+    let abandon = shared.abandon.clone();
     shared.connections.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade did not complete");
-                return;
-            }
-        };
-        // The listener is plain TCP, so the upgraded stream is a TcpStream;
-        // the WebSocket layer writes to it directly.
-        let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(p) => p,
-            Err(_) => {
-                tracing::error!("upgraded connection is not a TCP stream");
-                return;
-            }
-        };
-        // `read_buf` is a view into hyper's 8 KiB read buffer: copy what it
-        // holds and let it go, or every connection would keep it.
-        let hyper::upgrade::Parts { io, read_buf, .. } = parts;
-        let socket = Arc::new(io.into_inner());
-        let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME);
-        drop(read_buf);
-        let outbox = Arc::new(Outbox::new(
-            conn_shared.config.outbox_limits(),
-            Some(socket),
-        ));
-        connection::serve(conn_shared, ws, outbox, user, credential, id).await;
+        tokio::select! {
+            // Past the drain timeout: dropped (its cleanup runs on drop).
+            _ = abandon.cancelled() => {}
+            _ = serve_upgraded(conn_shared, on_upgrade, user, credential, id) => {}
+        }
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -545,4 +568,103 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key))
         .body(Body::empty())
         .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "upgrade failed\n"))
+}
+
+/// An upgraded connection, from hyper's hand-over to its close.
+async fn serve_upgraded(
+    conn_shared: Arc<Shared>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    user: User,
+    credential: Credential,
+    id: ConnId,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    // The listener is plain TCP, so the upgraded stream is a TcpStream;
+    // the WebSocket layer writes to it directly.
+    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => p,
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return;
+        }
+    };
+    // `read_buf` is a view into hyper's 8 KiB read buffer: copy what it
+    // holds and let it go, or every connection would keep it.
+    let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+    let socket = Arc::new(io.into_inner());
+    let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME);
+    drop(read_buf);
+    let outbox = Arc::new(Outbox::new(
+        conn_shared.config.outbox_limits(),
+        Some(socket),
+    ));
+    connection::serve(conn_shared, ws, outbox, user, credential, id).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade(extra: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            h.append(
+                header::HeaderName::from_static(k),
+                v.parse().expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn an_upgrade_needs_one_key_of_16_bytes() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let ok = upgrade(&[("sec-websocket-key", key)]);
+        assert_eq!(
+            websocket_key(&Method::GET, &ok).as_deref(),
+            Ok(key.as_bytes())
+        );
+        assert_eq!(websocket_key(&Method::POST, &ok), Err(NotUpgrade::Required));
+        let v8 = {
+            let mut h = ok.clone();
+            h.insert(header::SEC_WEBSOCKET_VERSION, "8".parse().expect("8"));
+            h
+        };
+        assert_eq!(websocket_key(&Method::GET, &v8), Err(NotUpgrade::Required));
+        let bad_keys = [
+            "",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZR==",
+            "dGhlIHNhbXBsZSBub25jZXMh",
+            "dGhlIHNhbXBsZSBub25j",
+            "AA==AAAAAAAAAAAAAAAAAAAA",
+            "dGhlIHNhbXBsZSBub25jZQ-_",
+            " dGhlIHNhbXBsZSBub25jZQ==",
+        ];
+        for k in bad_keys {
+            let h = upgrade(&[("sec-websocket-key", k)]);
+            assert_eq!(
+                websocket_key(&Method::GET, &h),
+                Err(NotUpgrade::BadKey),
+                "{k:?}"
+            );
+        }
+        let none = upgrade(&[]);
+        assert_eq!(websocket_key(&Method::GET, &none), Err(NotUpgrade::BadKey));
+        let two = upgrade(&[("sec-websocket-key", key), ("sec-websocket-key", key)]);
+        assert_eq!(websocket_key(&Method::GET, &two), Err(NotUpgrade::BadKey));
+    }
 }

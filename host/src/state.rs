@@ -29,6 +29,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the host starts shutting down.
     pub shutdown: CancellationToken,
+    /// Cancelled when the drain timeout has passed: what still runs is
+    /// dropped.
+    pub abandon: CancellationToken,
     pub redis_ready: Arc<AtomicBool>,
     /// The record path's queue: batches and snapshots to filter.
     pub work: mpsc::Sender<Work>,

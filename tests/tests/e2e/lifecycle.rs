@@ -110,3 +110,37 @@ async fn an_invalid_setting_stops_start_up_with_a_line_naming_it() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("DIRECTUS_BASE_URL"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_of_a_stopped_host_runs_on() {
+    let env = TestEnv::new().await;
+    let event = env.event(&["356307042440000"]).await;
+    env.user("u", None, &[event]);
+    let mut config = env.config();
+    config.live_ws_drain_timeout_ms = 300;
+    let host = env.start_host_with(config).await;
+    let metrics = host.metrics.clone();
+
+    // An upgrade still waiting on Directus when the host stops.
+    env.directus.set_delay(Duration::from_secs(3));
+    let url = host.ws_url.clone();
+    let pending = tokio::spawn(async move {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = url.as_str().into_client_request().expect("request");
+        req.headers_mut()
+            .insert("cookie", cookie("u").parse().expect("cookie"));
+        tokio_tungstenite::connect_async(req).await.map(|_| ())
+    });
+    assert!(eventually(|| async { env.directus.users_me_calls() == 1 }).await);
+    host.stop().await;
+
+    // The stopped host never completes it: no 101, no connection opened
+    // after the host said it stopped.
+    let upgraded = tokio::time::timeout(EVENTUALLY, pending)
+        .await
+        .expect("the client is answered")
+        .expect("task");
+    assert!(upgraded.is_err(), "no socket from a stopped host");
+    assert_eq!(metrics.connections.get(), 0);
+    assert_eq!(metrics.handshakes_in_flight.get(), 0);
+}

@@ -12,3 +12,4 @@ mod plan;
 mod slow;
 mod stream;
 mod subscribe;
+mod ws_conformance;
