@@ -54,7 +54,7 @@ pub use server::Host;
 #[cfg(feature = "test-util")]
 #[doc(hidden)]
 pub mod test_util {
-    pub use crate::dev::{directus_standin, schema};
+    pub use crate::dev::{demo, directus_standin, page, schema};
     pub use crate::filter::config::{
         ChainSpec, DEFAULT_MAX_MODULE_BYTES, DEFAULT_MEMORY_LIMIT, DEFAULT_TIMEOUT, PLUGIN_DIR,
         PluginSpec, Policy,

@@ -44,6 +44,12 @@ use crate::ws::WebSocket;
 /// Largest client frame accepted (close 1009 past it).
 pub const MAX_CLIENT_FRAME: usize = 16 * 1024;
 
+/// Plain HTTP responses the WebSocket listener gives, by method and path,
+/// besides the upgrade paths. Only `livecast demo` (and the tests that stand
+/// in for it) hands the host any, so that its map page shares the origin of
+/// `/ws-live` as it would behind the TRM proxy; production serves none.
+pub type Pages = Arc<dyn Fn(&Method, &str) -> Option<Response> + Send + Sync>;
+
 /// A bound, not yet running host.
 pub struct Host {
     shared: Arc<Shared>,
@@ -53,6 +59,7 @@ pub struct Host {
     redis: redis::Client,
     ws_listener: TcpListener,
     metrics_listener: TcpListener,
+    pages: Option<Pages>,
 }
 
 /// Installs the process-wide TLS crypto provider (ring) for Directus and
@@ -122,7 +129,13 @@ impl Host {
             redis,
             ws_listener,
             metrics_listener,
+            pages: None,
         })
+    }
+
+    /// Serves `pages` on the WebSocket listener (see [`Pages`]).
+    pub fn serve_pages(&mut self, pages: Pages) {
+        self.pages = Some(pages);
     }
 
     pub fn ws_addr(&self) -> SocketAddr {
@@ -160,6 +173,7 @@ impl Host {
             redis,
             ws_listener,
             metrics_listener,
+            pages,
         } = self;
         let config = &shared.config;
         let background = CancellationToken::new();
@@ -219,7 +233,7 @@ impl Host {
             background.clone(),
         ));
 
-        let ws_server = tokio::spawn(serve_websockets(ws_listener, shared.clone()));
+        let ws_server = tokio::spawn(serve_websockets(ws_listener, shared.clone(), pages));
         let ops_app = Router::new()
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok\n" }))
@@ -421,7 +435,7 @@ const SEND_LOWAT: u32 = 128 * 1024;
 /// directly so that an upgraded connection is the bare `TcpStream` (the
 /// WebSocket layer writes to it without another buffer in between). It
 /// stops accepting when the host starts shutting down.
-async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
+async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>, pages: Option<Pages>) {
     let stop = shared.shutdown.clone();
     loop {
         let tcp = tokio::select! {
@@ -446,16 +460,20 @@ async fn serve_websockets(listener: TcpListener, shared: Arc<Shared>) {
         let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(SEND_LOWAT);
         let stop = shared.shutdown.clone();
         let shared = shared.clone();
+        let pages = pages.clone();
         // Tracked with the connections, and dropped at shutdown: a handshake
         // still waiting on Directus then gets no 101 from a stopping host.
         let tracker = shared.connections.clone();
         tracker.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = shared.clone();
+                let pages = pages.clone();
                 async move {
                     let response = match req.uri().path() {
                         "/" | "/ws-live" => upgrade(shared, req).await,
-                        _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+                        path => pages
+                            .and_then(|p| p(req.method(), path))
+                            .unwrap_or_else(|| plain(StatusCode::NOT_FOUND, "not found\n")),
                     };
                     Ok::<_, std::convert::Infallible>(response)
                 }

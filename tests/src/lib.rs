@@ -474,7 +474,12 @@ impl TestHost {
     /// Starts a host and waits until it reads the stream and has loaded the
     /// device map, so that a test's first record is not missed.
     pub async fn start(config: Config) -> TestHost {
-        let host = Host::bind(config).await.expect("bind host");
+        TestHost::run(Host::bind(config).await.expect("bind host")).await
+    }
+
+    /// Runs a host already bound (e.g. one given pages to serve) and waits
+    /// until it is ready, as [`TestHost::start`] does.
+    pub async fn run(host: Host) -> TestHost {
         let ws_url = format!("ws://{}/ws-live", host.ws_addr());
         let metrics_url = format!("http://{}", host.metrics_addr());
         let metrics = host.metrics();

@@ -4,8 +4,9 @@
 //! It creates and migrates a demo database, seeds an event with a few dozen
 //! devices (and a last known position each), starts the **development-only**
 //! Directus stand-in, starts the host, and plays the ingestion service:
-//! moving positions appended to a demo stream. Then it prints the command that
-//! watches the feed.
+//! moving positions appended to a demo stream. It serves a live map of the
+//! event at the host's own origin (`page`), and prints its URL and the
+//! command that watches the feed in a terminal.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -57,7 +58,8 @@ pub struct DemoArgs {
     filter_chain: Option<std::path::PathBuf>,
 }
 
-fn imei(i: u32) -> String {
+/// The IMEI of demo device `i`.
+pub fn imei(i: u32) -> String {
     format!("35630704244{i:04}")
 }
 
@@ -93,7 +95,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     config.instance_id = Some("demo".into());
     config.live_device_event_refresh_ms = 5_000;
     config.live_filter_chain = args.filter_chain.clone();
-    let host = Host::bind(config).await?;
+    let mut host = Host::bind(config).await?;
+    host.serve_pages(super::page::map_pages(Some(format!(
+        "directus_session_token={DEMO_TOKEN}"
+    ))));
     let ws = host.ws_addr();
     let metrics = host.metrics_addr();
 
@@ -107,6 +112,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!();
     println!("  livecast demo — DEVELOPMENT ONLY: Directus is an in-process stand-in");
     println!();
+    println!(
+        "  Live map    http://{ws}{}?event={DEMO_EVENT}   <- open this in a browser",
+        super::page::MAP_PATH
+    );
     println!("  WebSocket   ws://{ws}/ws-live");
     println!("  metrics     http://{metrics}/metrics");
     println!(
@@ -196,6 +205,25 @@ fn spot(i: u32, t: u64) -> (f64, f64) {
     )
 }
 
+/// The stream payload of demo device `i` at tick `t` (`t` >= 1), fix time
+/// `timestamp` (RFC 3339): where it is, heading from where it was at `t - 1`.
+pub fn payload(i: u32, t: u64, timestamp: &str) -> serde_json::Value {
+    let (lat, lon) = spot(i, t);
+    let (plat, plon) = spot(i, t.saturating_sub(1));
+    // A degree of longitude is shorter than one of latitude away from the
+    // equator; without the cosine the course points off the track on a map.
+    let course = ((lon - plon) * lat.to_radians().cos())
+        .atan2(lat - plat)
+        .to_degrees()
+        .rem_euclid(360.0)
+        .round();
+    serde_json::json!({
+        "device_id": imei(i), "timestamp": timestamp, "latitude": lat, "longitude": lon,
+        "altitude": 110, "angle": course, "speed": 40 + (i % 5) * 15, "satellites": 11,
+        "priority": 0, "attributes": {"239": 1, "66": 12_500 + i, "21": 4},
+    })
+}
+
 /// Plays the ingestion service: one position per device per interval.
 async fn publish(redis: redis::Client, devices: u32, every: Duration) -> anyhow::Result<()> {
     let mut conn = redis.get_multiplexed_async_connection().await?;
@@ -208,18 +236,6 @@ async fn publish(redis: redis::Client, devices: u32, every: Duration) -> anyhow:
             .unwrap_or_default();
         let mut pipe = redis::pipe();
         for i in 0..devices {
-            let (lat, lon) = spot(i, t);
-            let (plat, plon) = spot(i, t - 1);
-            let course = (lon - plon)
-                .atan2(lat - plat)
-                .to_degrees()
-                .rem_euclid(360.0)
-                .round();
-            let payload = serde_json::json!({
-                "device_id": imei(i), "timestamp": ts, "latitude": lat, "longitude": lon,
-                "altitude": 110, "angle": course, "speed": 40 + (i % 5) * 15, "satellites": 11,
-                "priority": 0, "attributes": {"239": 1, "66": 12_500 + i, "21": 4},
-            });
             pipe.cmd("XADD")
                 .arg(DEMO_STREAM)
                 .arg("MAXLEN")
@@ -233,7 +249,7 @@ async fn publish(redis: redis::Client, devices: u32, every: Duration) -> anyhow:
                 .arg("codec")
                 .arg("8E")
                 .arg("payload")
-                .arg(payload.to_string())
+                .arg(payload(i, t, &ts).to_string())
                 .ignore();
         }
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {

@@ -7,6 +7,7 @@ mod filters;
 mod lifecycle;
 mod load_smoke;
 mod outage;
+mod page;
 mod plan;
 mod slow;
 mod stream;
