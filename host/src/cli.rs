@@ -80,7 +80,7 @@ fn livecast_main(config: Config) -> std::process::ExitCode {
                 return std::process::ExitCode::from(2);
             }
         };
-        match host.run(shutdown_signal()).await {
+        match host.run(crate::server::shutdown_signal()).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("livecast: {e:#}");
@@ -102,22 +102,6 @@ fn tool(f: impl std::future::Future<Output = anyhow::Result<()>>) -> std::proces
         Err(e) => {
             eprintln!("livecast: {e:#}");
             std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// SIGTERM (orchestrators) or SIGINT (a terminal).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -278,6 +278,22 @@ impl Host {
     }
 }
 
+/// SIGTERM (orchestrators) or SIGINT (a terminal).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// How long an idle pooled connection may take to answer a ping before it
 /// is replaced. PostgreSQL answers in well under a millisecond; a connection
 /// that died silently (a restart or failover whose resets never reached

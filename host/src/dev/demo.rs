@@ -20,8 +20,6 @@ use super::directus_standin::{DirectusStandIn, StandInUser};
 use crate::config::{Config, LogFormat};
 use crate::server::Host;
 
-/// The demo's own stream, so it never writes to a real `telemetry:teltonika`.
-pub const DEMO_STREAM: &str = "livecast:demo:telemetry";
 pub const DEMO_TOKEN: &str = "demo-session-token";
 pub const DEMO_EVENT: Uuid = Uuid::from_u128(0x0b6c7c1e_3a3b_4b8e_9d1a_2f6f5c4e8a10);
 const DEMO_ORG: Uuid = Uuid::from_u128(0x5e0a1c2b_1111_4c3d_8e9f_000000000001);
@@ -56,6 +54,16 @@ pub struct DemoArgs {
     /// hot-reloaded on change, as in production.
     #[arg(long, env = "LIVE_FILTER_CHAIN")]
     filter_chain: Option<std::path::PathBuf>,
+    /// Names this demo's stream and consumer group, so that two demos can
+    /// share a Redis. Default: the WebSocket port (two demos on one machine
+    /// have different ports anyway).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+/// The demo's own stream, so it never writes to a real `telemetry:teltonika`.
+pub fn stream(name: &str) -> String {
+    format!("livecast:demo:{name}:telemetry")
 }
 
 /// The IMEI of demo device `i`.
@@ -63,8 +71,15 @@ pub fn imei(i: u32) -> String {
     format!("35630704244{i:04}")
 }
 
-/// Runs the demo until Ctrl-C.
+/// Runs the demo until SIGINT (Ctrl-C) or SIGTERM, then stops the host as
+/// in production (its consumer group removed) and deletes the demo stream.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let name = match (&args.name, args.ws_port) {
+        (Some(n), _) => n.clone(),
+        (None, 0) => std::process::id().to_string(),
+        (None, port) => port.to_string(),
+    };
+    let stream = stream(&name);
     crate::server::install_crypto();
     crate::logging::init(LogFormat::Pretty);
     let db_url = super::schema::ensure_database(&args.postgres_url, "livecast_demo").await?;
@@ -91,8 +106,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     config.metrics_host = IpAddr::V4(Ipv4Addr::LOCALHOST);
     config.live_ws_port = args.ws_port;
     config.metrics_port = args.metrics_port;
-    config.redis_telemetry_stream = DEMO_STREAM.into();
-    config.instance_id = Some("demo".into());
+    config.redis_telemetry_stream = stream.clone();
+    config.instance_id = Some(format!("demo-{name}"));
     config.live_device_event_refresh_ms = 5_000;
     config.live_filter_chain = args.filter_chain.clone();
     let mut host = Host::bind(config).await?;
@@ -104,7 +119,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let redis = redis::Client::open(args.redis_url.as_str())?;
     let publisher = tokio::spawn(publish(
-        redis,
+        redis.clone(),
+        stream.clone(),
         args.devices,
         Duration::from_millis(args.interval_ms),
     ));
@@ -134,12 +150,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!();
 
-    let result = host
-        .run(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await;
+    let result = host.run(crate::server::shutdown_signal()).await;
     publisher.abort();
+    // The stream is the demo's own: nothing else reads it.
+    if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
+        let _: Result<i64, _> = redis::cmd("DEL").arg(&stream).query_async(&mut conn).await;
+    }
     result
 }
 
@@ -225,7 +241,12 @@ pub fn payload(i: u32, t: u64, timestamp: &str) -> serde_json::Value {
 }
 
 /// Plays the ingestion service: one position per device per interval.
-async fn publish(redis: redis::Client, devices: u32, every: Duration) -> anyhow::Result<()> {
+async fn publish(
+    redis: redis::Client,
+    stream: String,
+    devices: u32,
+    every: Duration,
+) -> anyhow::Result<()> {
     let mut conn = redis.get_multiplexed_async_connection().await?;
     let mut tick = tokio::time::interval(every);
     for t in 1u64.. {
@@ -237,7 +258,7 @@ async fn publish(redis: redis::Client, devices: u32, every: Duration) -> anyhow:
         let mut pipe = redis::pipe();
         for i in 0..devices {
             pipe.cmd("XADD")
-                .arg(DEMO_STREAM)
+                .arg(&stream)
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(10_000)

@@ -144,3 +144,81 @@ async fn nothing_of_a_stopped_host_runs_on() {
     assert_eq!(metrics.connections.get(), 0);
     assert_eq!(metrics.handshakes_in_flight.get(), 0);
 }
+
+#[tokio::test]
+async fn the_demo_stops_cleanly_on_sigterm_and_removes_what_it_made_in_redis() {
+    let s = services();
+    let name = format!("t{}", std::process::id());
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .args([
+            "demo",
+            "--ws-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--devices",
+            "3",
+        ])
+        .args(["--name", &name, "--redis-url", &s.redis_url])
+        .args(["--postgres-url", &s.postgres_url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let started = tokio::time::timeout(EVENTUALLY, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("Live map") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(started, Ok(true), "the demo prints its banner");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let stream = format!("livecast:demo:{name}:telemetry");
+    let mut redis = redis::Client::open(s.redis_url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    assert!(
+        eventually(|| {
+            let mut redis = redis.clone();
+            let stream = stream.clone();
+            async move {
+                redis::cmd("EXISTS")
+                    .arg(&stream)
+                    .query_async::<bool>(&mut redis)
+                    .await
+                    .unwrap_or(false)
+            }
+        })
+        .await,
+        "the demo publishes to its own stream"
+    );
+
+    let pid = child.id().expect("pid").to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(EVENTUALLY, child.wait())
+        .await
+        .expect("the demo exits")
+        .expect("status");
+    assert!(status.success(), "a graceful stop: {status}");
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&stream)
+        .query_async(&mut redis)
+        .await
+        .expect("EXISTS");
+    assert!(!exists, "its stream, and the group on it, are gone");
+}
