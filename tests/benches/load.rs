@@ -5,6 +5,8 @@
 //! ```text
 //! cargo bench -p livecast-tests --bench load                 # the standard set
 //! cargo bench -p livecast-tests --bench load -- fanout       # one scenario
+//! LIVECAST_BENCH_HOST=<binary> cargo bench … -- fanout      # another host
+//! LIVE_WS_FLUSH_INTERVAL_MS=0 cargo bench … -- fanout       # host settings pass through
 //! cargo bench -p livecast-tests --bench load -- smoke        # seconds, correctness only
 //! ```
 //!
@@ -74,6 +76,8 @@ async fn main() -> anyhow::Result<()> {
         "smoke" => vec![scenario("smoke", 20, 2, 200, 2)],
         "idle" => vec![scenario("idle", 10_000, 0, 0, 5)],
         "fanout" => vec![scenario("fanout", 1_000, 0, 200, 20)],
+        "fanout-50" => vec![scenario("fanout-50", 1_000, 0, 50, 20)],
+        "fanout-2000x300" => vec![scenario("fanout-2000x300", 2_000, 0, 300, 20)],
         "saturation" => [250, 500, 750, 1000, 1500]
             .into_iter()
             .map(|r| scenario(&format!("sat-{r}"), 1_000, 0, r, 10))
@@ -86,6 +90,8 @@ async fn main() -> anyhow::Result<()> {
         _ => vec![
             scenario("idle", 10_000, 0, 0, 5),
             scenario("fanout", 1_000, 0, 200, 20),
+            scenario("fanout-50", 1_000, 0, 50, 20),
+            scenario("fanout-2000x300", 2_000, 0, 300, 20),
             scenario("sat-500", 1_000, 0, 500, 10),
             scenario("sat-1000", 1_000, 0, 1000, 10),
             scenario("slow-10pct", 1_000, 100, 200, 20),

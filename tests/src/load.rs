@@ -74,6 +74,10 @@ pub struct Report {
     pub host_rss_kib_end: u64,
     pub rss_bytes_per_connection: f64,
     pub host_cpu_percent: f64,
+    /// Host CPU time per delivery received, microseconds.
+    pub host_cpu_us_per_delivery: f64,
+    /// Socket writes the host made (0 for a host without the counter).
+    pub host_socket_writes: u64,
     pub conflated: u64,
     pub host_deliveries: u64,
 }
@@ -478,34 +482,47 @@ impl LeanClient {
 
     /// The next frame; its text is `self.buf[range]`.
     async fn next(&mut self) -> anyhow::Result<ServerFrame> {
-        use tokio::io::AsyncReadExt;
         loop {
-            if let Some((frame, end)) = parse_server_frame(&self.buf[self.start..self.filled]) {
-                let base = self.start;
-                self.start += end;
-                return Ok(match frame {
-                    (0x1, r) => ServerFrame::Text(base + r.start..base + r.end),
-                    (0x9, r) => ServerFrame::Ping(self.buf[base + r.start..base + r.end].to_vec()),
-                    (0x8, _) => ServerFrame::Close,
-                    _ => ServerFrame::Other,
-                });
+            if let Some(frame) = self.buffered() {
+                return Ok(frame);
             }
-            // Move the unparsed tail to the front when room runs out; grow
-            // only for a frame larger than the buffer (a big snapshot).
-            if self.filled == self.buf.len() {
-                self.buf.copy_within(self.start..self.filled, 0);
-                self.filled -= self.start;
-                self.start = 0;
-                if self.filled == self.buf.len() {
-                    self.buf.resize(self.buf.len() * 2, 0);
-                }
-            }
-            let n = self.stream.read(&mut self.buf[self.filled..]).await?;
-            if n == 0 {
-                anyhow::bail!("closed");
-            }
-            self.filled += n;
+            self.fill().await?;
         }
+    }
+
+    /// The next frame already read, if there is a whole one.
+    fn buffered(&mut self) -> Option<ServerFrame> {
+        let (frame, end) = parse_server_frame(&self.buf[self.start..self.filled])?;
+        let base = self.start;
+        self.start += end;
+        Some(match frame {
+            (0x1, r) => ServerFrame::Text(base + r.start..base + r.end),
+            (0x9, r) => ServerFrame::Ping(self.buf[base + r.start..base + r.end].to_vec()),
+            (0x8, _) => ServerFrame::Close,
+            _ => ServerFrame::Other,
+        })
+    }
+
+    /// Reads what the socket has, up to the buffer's room: as many frames
+    /// as the host wrote together (a browser reads them the same way).
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        // Move the unparsed tail to the front when room runs out; grow only
+        // for a frame larger than the buffer (a big snapshot).
+        if self.filled == self.buf.len() {
+            self.buf.copy_within(self.start..self.filled, 0);
+            self.filled -= self.start;
+            self.start = 0;
+            if self.filled == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+        }
+        let n = self.stream.read(&mut self.buf[self.filled..]).await?;
+        if n == 0 {
+            anyhow::bail!("closed");
+        }
+        self.filled += n;
+        Ok(())
     }
 }
 
@@ -574,20 +591,29 @@ async fn client(
         return Ok(account);
     }
     loop {
-        let next = tokio::time::timeout(Duration::from_millis(100), ws.next()).await;
-        match next {
-            Ok(Ok(ServerFrame::Text(r))) => {
-                account.position(&ws.buf[r], devices_per_event, now_us());
+        // Every frame one read brought, then one wait for the next read (a
+        // timer per read, not per frame: the client must not cost more per
+        // delivery than the host it measures).
+        while let Some(frame) = ws.buffered() {
+            match frame {
+                ServerFrame::Text(r) => {
+                    account.position(&ws.buf[r], devices_per_event, now_us());
+                }
+                ServerFrame::Ping(payload) => {
+                    // Answer as a browser would, or the host drops a silent
+                    // client.
+                    use tokio::io::AsyncWriteExt;
+                    let mut f = vec![0x8A, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+                    f.extend_from_slice(&payload);
+                    ws.stream.write_all(&f).await?;
+                }
+                ServerFrame::Close => return Ok(account),
+                ServerFrame::Other => {}
             }
-            Ok(Ok(ServerFrame::Ping(payload))) => {
-                // Answer as a browser would, or the host drops a silent client.
-                use tokio::io::AsyncWriteExt;
-                let mut f = vec![0x8A, 0x80 | payload.len() as u8, 0, 0, 0, 0];
-                f.extend_from_slice(&payload);
-                ws.stream.write_all(&f).await?;
-            }
-            Ok(Ok(ServerFrame::Close) | Err(_)) => return Ok(account),
-            Ok(Ok(ServerFrame::Other)) => {}
+        }
+        match tokio::time::timeout(Duration::from_millis(100), ws.fill()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Ok(account),
             Err(_) if shared.stop.load(Ordering::Relaxed) => return Ok(account),
             Err(_) => {}
         }
@@ -807,6 +833,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
         host_cpu_percent: 100.0 * cpu / seconds,
         conflated: host.counter("livecast_conflated_total").await,
         host_deliveries: host.counter("livecast_deliveries_total").await,
+        host_socket_writes: host.counter("livecast_socket_writes_total").await,
         ..Report::default()
     };
     r.rss_bytes_per_connection =
@@ -827,6 +854,9 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
     }
     r.host_rss_kib_end = host.rss_kib();
     r.deliveries_per_s = r.deliveries_received as f64 / seconds;
+    if r.deliveries_received > 0 {
+        r.host_cpu_us_per_delivery = cpu * 1e6 / r.deliveries_received as f64;
+    }
     if !latency.is_empty() {
         r.latency_us_p50 = latency.value_at_quantile(0.5);
         r.latency_us_p99 = latency.value_at_quantile(0.99);
@@ -960,13 +990,13 @@ pub fn save(dir: &Path, name: &str, value: &impl Serialize) -> anyhow::Result<Pa
 pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<12} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>9}\n",
+        "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>9}\n",
         "scenario", "clients", "stuck", "rate", "published", "expected", "received", "lost", "dup", "deliv/s",
-        "p50 us", "p99 us", "p999 us", "max us", "rss KiB", "peak KiB", "B/conn", "cpu %", "conflated"
+        "p50 us", "p99 us", "p999 us", "max us", "rss KiB", "peak KiB", "B/conn", "cpu %", "us/dlv", "conflated"
     ));
     for r in reports {
         out.push_str(&format!(
-            "{:<12} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8.0} {:>6.0} {:>9}\n",
+            "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8.0} {:>6.0} {:>7.2} {:>9}\n",
             r.scenario,
             r.clients,
             r.stuck_clients,
@@ -985,6 +1015,7 @@ pub fn table(reports: &[Report]) -> String {
             r.host_rss_kib_peak,
             r.rss_bytes_per_connection,
             r.host_cpu_percent,
+            r.host_cpu_us_per_delivery,
             r.conflated
         ));
     }
