@@ -133,9 +133,17 @@ impl Host {
         })
     }
 
-    /// Serves `pages` on the WebSocket listener (see [`Pages`]).
-    pub fn serve_pages(&mut self, pages: Pages) {
+    /// Serves `pages` on the WebSocket listener (see [`Pages`]): the demo's
+    /// map, not part of the embedding interface.
+    pub(crate) fn set_pages(&mut self, pages: Pages) {
         self.pages = Some(pages);
+    }
+
+    /// [`Host::set_pages`], for the test fixture that stands in for the demo.
+    #[cfg(feature = "test-util")]
+    #[doc(hidden)]
+    pub fn serve_pages(&mut self, pages: Pages) {
+        self.set_pages(pages);
     }
 
     pub fn ws_addr(&self) -> SocketAddr {

@@ -111,7 +111,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     config.live_device_event_refresh_ms = 5_000;
     config.live_filter_chain = args.filter_chain.clone();
     let mut host = Host::bind(config).await?;
-    host.serve_pages(super::page::map_pages(Some(format!(
+    host.set_pages(super::page::map_pages(Some(format!(
         "directus_session_token={DEMO_TOKEN}"
     ))));
     let ws = host.ws_addr();
