@@ -18,8 +18,9 @@
 use core::cmp::Ordering;
 use core::fmt;
 
-/// Deepest nesting the scanner follows. Records are two levels deep; the limit
-/// only exists so that hostile input cannot exhaust the wasm stack.
+/// Deepest nesting that [`is_valid`], [`parse`] and [`Config`] follow: they
+/// recurse, and hostile input must not exhaust the wasm stack. A
+/// [`Record`](crate::Record) is read at any depth, as the host reads it.
 pub const MAX_DEPTH: usize = 64;
 
 /// A JSON syntax error: where it was found and what was expected.
@@ -225,13 +226,17 @@ pub(crate) fn skip_value(b: &[u8], i: usize, depth: usize) -> Result<usize> {
 /// has validated the record already, and nested values (the attributes) are
 /// copied verbatim, so a full check would only cost time: it is the bulk of a
 /// record.
+///
+/// Any depth is followed, as the host's parser follows it, without
+/// recursion: the kind of each bracket is checked for the outer 64 levels
+/// (one bit each) and only counted deeper, where nothing but hostile input
+/// goes, and the host has rejected any mismatch there already.
 pub(crate) fn skip_value_fast(b: &[u8], i: usize) -> Result<usize> {
     if !matches!(b.get(i), Some(b'{' | b'[')) {
         return skip_value(b, i, 0);
     }
-    // One bit per open container, 1 for an object: enough to check that
-    // each closing bracket matches.
-    let (mut stack, mut depth) = (0u64, 0u32);
+    // One bit per open container, 1 for an object.
+    let (mut stack, mut depth) = (0u64, 0usize);
     let mut j = i;
     loop {
         match b.get(j) {
@@ -241,17 +246,18 @@ pub(crate) fn skip_value_fast(b: &[u8], i: usize) -> Result<usize> {
                 continue;
             }
             Some(&open @ (b'{' | b'[')) => {
-                if depth == 64 {
-                    return Err(Error::new(j, "nesting too deep"));
+                if depth < 64 {
+                    stack = (stack << 1) | u64::from(open == b'{');
                 }
-                stack = (stack << 1) | u64::from(open == b'{');
                 depth += 1;
             }
             Some(&close @ (b'}' | b']')) => {
-                if depth == 0 || (stack & 1 == 1) != (close == b'}') {
+                if depth == 0 || (depth <= 64 && (stack & 1 == 1) != (close == b'}')) {
                     return Err(Error::new(j, "mismatched bracket"));
                 }
-                stack >>= 1;
+                if depth <= 64 {
+                    stack >>= 1;
+                }
                 depth -= 1;
                 if depth == 0 {
                     return Ok(j + 1);
@@ -1780,10 +1786,15 @@ mod tests {
         for bad in ["{", "{]", "[}", "{\"a\":\"}", "]", "[[[", "tru"] {
             assert_eq!(skip(bad), None, "{bad}");
         }
-        let deep = "[".repeat(65) + &"]".repeat(65);
-        assert_eq!(skip(&deep), None);
-        let ok = "[".repeat(64) + &"]".repeat(64);
-        assert_eq!(skip(&ok), Some(128));
+        // Any depth, as the host reads it; bracket kinds are checked for
+        // the outer 64 levels.
+        for depth in [31, 32, 33, 64, 500] {
+            let ok = "[{\"a\":".repeat(depth) + "0" + &"}]".repeat(depth);
+            assert_eq!(skip(&ok), Some(ok.len()), "{depth}");
+            let bad = "[{\"a\":".repeat(depth) + "0" + &"}]".repeat(depth - 1) + "]}";
+            assert_eq!(skip(&bad), None, "{depth}");
+            assert_eq!(skip(&ok[..ok.len() - 1]), None, "{depth}");
+        }
     }
 
     #[test]
@@ -1809,6 +1820,15 @@ mod tests {
             "\"\u{1}\"",
             "{a:1}",
             "\"\\q\"",
+            "[1 2]",
+            "{\"a\":1 \"b\":2}",
+            "[}",
+            "{]",
+            "[,1]",
+            "{,}",
+            "{\"a\":[1}]}",
+            "[1]]",
+            "{} {}",
         ] {
             assert!(!is_valid(bad), "{bad}");
         }
