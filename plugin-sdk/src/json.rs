@@ -1245,13 +1245,14 @@ fn parse_at(text: &str, i: usize, depth: usize) -> Result<(Value, usize)> {
 ///
 /// A lazy view like [`Record`](crate::Record) (no value tree is built, which
 /// keeps plugins small). Typed getters return `Ok(None)` when a key is absent
-/// or `null`, and an error message naming the key when it has the wrong
-/// type, so `init` reads as a list of `?`s.
+/// or `null` (so `"strip": null` leaves the default in force), and an error
+/// message naming the key when it has the wrong type, so `init` reads as a
+/// list of `?`s.
 ///
 /// ```
 /// use livecast_plugin_sdk::json::Config;
 ///
-/// let cfg = Config::parse(r#"{"keep": ["66", "239"], "decimals": 3, "value": {"a": 1}}"#)?;
+/// let cfg = Config::parse(r#"{"keep": ["66", "239"], "decimals": 3, "strip": null, "value": {"a": 1}}"#)?;
 /// cfg.deny_unknown(&["keep", "decimals", "strip", "value"])?;
 /// assert_eq!(cfg.str_list("keep")?, Some(vec!["66".to_string(), "239".to_string()]));
 /// assert_eq!(cfg.i64("decimals")?.unwrap_or(2), 3);
@@ -1364,12 +1365,22 @@ impl<'a> Config<'a> {
         self.typed(key, "a string", |_| None)
     }
 
-    /// A finite number.
+    /// A number, integers included: TOML's `41` arrives as JSON `41` and
+    /// reads as `41.0`; `4.1e1` and `41.0` read the same. `Err` for
+    /// anything else, and for a number too large for a double (`1e400`).
+    ///
+    /// ```
+    /// let cfg = livecast_plugin_sdk::Config::parse(r#"{"max": 41, "min": 2.5e-1}"#)?;
+    /// assert_eq!(cfg.f64("max")?, Some(41.0));
+    /// assert_eq!(cfg.f64("min")?, Some(0.25));
+    /// # Ok::<(), String>(())
+    /// ```
     pub fn f64(&self, key: &str) -> core::result::Result<Option<f64>, String> {
         self.typed(key, "a number", parse_f64)
     }
 
-    /// An integer.
+    /// An integer: `12`, also `12.0` or `1.2e1`; `Err` for a fraction or
+    /// a value outside `i64`.
     pub fn i64(&self, key: &str) -> core::result::Result<Option<i64>, String> {
         self.typed(key, "an integer", parse_i64)
     }
@@ -1834,6 +1845,29 @@ mod tests {
         }
         let deep = "[".repeat(MAX_DEPTH + 2) + &"]".repeat(MAX_DEPTH + 2);
         assert!(!is_valid(&deep));
+    }
+
+    /// What plugin-guide.md promises about configurations.
+    #[test]
+    fn config_numbers_and_nulls() {
+        let cfg = Config::parse(
+            r#"{"int": 41, "exp": 4.1e1, "neg": -2, "frac": 0.5, "null": null, "big": 1e400}"#,
+        )
+        .unwrap();
+        // TOML's integers arrive as JSON integers; f64 takes them.
+        assert_eq!(cfg.f64("int").unwrap(), Some(41.0));
+        assert_eq!(cfg.f64("exp").unwrap(), Some(41.0));
+        assert_eq!(cfg.f64("neg").unwrap(), Some(-2.0));
+        assert_eq!(cfg.i64("exp").unwrap(), Some(41));
+        assert!(cfg.i64("frac").is_err());
+        assert!(cfg.f64("big").is_err());
+        // null is absent for every getter, so defaults apply.
+        assert_eq!(cfg.f64("null").unwrap(), None);
+        assert_eq!(cfg.i64("null").unwrap(), None);
+        assert_eq!(cfg.bool("null").unwrap(), None);
+        assert_eq!(cfg.str("null").unwrap(), None);
+        assert_eq!(cfg.str_list("null").unwrap(), None);
+        assert_eq!(cfg.get_raw("null"), Some("null"));
     }
 
     #[test]
