@@ -76,18 +76,65 @@
 #![warn(missing_docs)]
 
 pub mod abi;
-// Natively the system allocator serves; the heap is only unit-tested there.
-#[cfg(any(test, target_arch = "wasm32"))]
+// The allocator is for single-threaded wasm only, as talc gates its own:
+// with the `atomics` target feature a wasm module may have threads, and a
+// lock-free allocator shared between them would be undefined behaviour.
+// Natively the system allocator serves; the heap is unit-tested there.
+#[cfg(any(
+    test,
+    all(
+        target_arch = "wasm32",
+        not(target_feature = "atomics"),
+        feature = "allocator"
+    )
+))]
 mod heap;
 pub mod json;
 pub mod log;
 mod record;
+mod runtime;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 pub mod time;
 
 pub use json::Config;
 pub use record::{Attributes, EditError, Record};
+
+/// What [`export_plugin!`] expands to needs; not part of the API, and may
+/// change in any release.
+#[doc(hidden)]
+pub mod __private {
+    use core::cell::RefCell;
+
+    pub use crate::runtime::Runtime;
+
+    /// The static that holds a plugin instance's [`Runtime`]: a `RefCell`
+    /// that may live in a `static` because nothing can share it.
+    pub struct Slot<T>(RefCell<T>);
+
+    // SAFETY: `Sync` promises that `&Slot` may be used from several threads
+    // at once. WebAssembly without the `atomics` target feature has exactly
+    // one thread (no shared memory, no way to start another), so no second
+    // thread can exist to use it: the promise holds vacuously, for any `T`,
+    // as for the standard library's thread locals on this target. Elsewhere
+    // `Slot` is not `Sync`, and `export_plugin!` refuses to compile.
+    #[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+    unsafe impl<T> Sync for Slot<T> {}
+
+    impl<T> Slot<T> {
+        pub const fn new(value: T) -> Self {
+            Slot(RefCell::new(value))
+        }
+
+        /// Runs `f` on the value, or returns `None` when it is already in
+        /// use: an export entered while another runs, which the host never
+        /// does, fails instead of aliasing the state.
+        #[inline(always)]
+        pub fn with<R>(&self, f: impl FnOnce(&mut T) -> Option<R>) -> Option<R> {
+            f(&mut *self.0.try_borrow_mut().ok()?)
+        }
+    }
+}
 
 /// Everything a plugin usually needs: `use livecast_plugin_sdk::prelude::*;`.
 pub mod prelude {
@@ -215,8 +262,7 @@ macro_rules! export_plugin {
         $crate::__export_plugin!($plugin, true, {
             #[unsafe(no_mangle)]
             extern "C" fn deliver_batch(ptr: i32, len: i32) -> i32 {
-                runtime()
-                    .deliver_batch(ptr as u32 as usize, len as u32 as usize)
+                with_runtime(|rt| rt.deliver_batch(ptr as u32 as usize, len as u32 as usize))
                     .map_or(0, |p| p as i32)
             }
         });
@@ -234,14 +280,18 @@ macro_rules! __export_plugin {
 
         #[cfg(target_arch = "wasm32")]
         const _: () = {
-            static RUNTIME: $crate::abi::Global<$crate::abi::Runtime<$plugin>> =
-                $crate::abi::Global::new($crate::abi::Runtime::new());
+            #[cfg(target_feature = "atomics")]
+            ::core::compile_error!(
+                "livecast plugins are single-threaded: build without the `atomics` target feature"
+            );
 
-            fn runtime() -> &'static mut $crate::abi::Runtime<$plugin> {
-                // SAFETY: a wasm instance is single-threaded and the host
-                // never re-enters an export, so each export holds the only
-                // reference for the duration of its call.
-                unsafe { RUNTIME.get() }
+            static RUNTIME: $crate::__private::Slot<$crate::__private::Runtime<$plugin>> =
+                $crate::__private::Slot::new($crate::__private::Runtime::new());
+
+            fn with_runtime<R>(
+                f: impl FnOnce(&mut $crate::__private::Runtime<$plugin>) -> ::core::option::Option<R>,
+            ) -> ::core::option::Option<R> {
+                RUNTIME.with(f)
             }
 
             #[unsafe(no_mangle)]
@@ -249,20 +299,21 @@ macro_rules! __export_plugin {
 
             #[unsafe(no_mangle)]
             extern "C" fn livecast_reserve(size: i32) -> i32 {
-                runtime().reserve(size as u32 as usize).map_or(0, |p| p as i32)
+                with_runtime(|rt| rt.reserve(size as u32 as usize)).map_or(0, |p| p as i32)
             }
 
             #[unsafe(no_mangle)]
             extern "C" fn init(ptr: i32, len: i32) -> i32 {
-                match runtime().init(ptr as u32 as usize, len as u32 as usize) {
-                    Ok(()) => 0,
-                    Err(_) => 1,
+                match with_runtime(|rt| rt.init(ptr as u32 as usize, len as u32 as usize).ok()) {
+                    Some(()) => 0,
+                    None => 1,
                 }
             }
 
             #[unsafe(no_mangle)]
             extern "C" fn filter_batch(ptr: i32, len: i32) -> i32 {
-                runtime().filter_batch(ptr as u32 as usize, len as u32 as usize).map_or(0, |p| p as i32)
+                with_runtime(|rt| rt.filter_batch(ptr as u32 as usize, len as u32 as usize))
+                    .map_or(0, |p| p as i32)
             }
 
             $($extra)*

@@ -30,7 +30,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::abi::{self, Output, Runtime};
+use crate::abi::{self, Output};
+use crate::runtime::Runtime;
 use crate::{Audience, Config, Plugin, Record, json, log};
 
 /// What the plugin did with one item.
