@@ -57,6 +57,47 @@
 //!   rewrite after the filter modified it is dropped (fail closed) with a
 //!   warning.
 //!
+//! # Error messages without `format!`
+//!
+//! `format!` works, but pulls `core::fmt` into the module (several KB). An
+//! `init` error is usually a few pieces of text and a number; `String`'s
+//! own methods and [`json::write_i64`] / [`json::write_f64_rounded`] build
+//! it without `core::fmt`:
+//!
+//! ```
+//! use livecast_plugin_sdk::prelude::*;
+//! use livecast_plugin_sdk::json;
+//!
+//! struct Geofence { radius_m: i64 }
+//!
+//! impl Plugin for Geofence {
+//!     fn init(config: &str) -> Result<Self, String> {
+//!         let cfg = Config::parse(config)?;
+//!         let radius_m = cfg.i64("radius_m")?.unwrap_or(500);
+//!         if !(1..=100_000).contains(&radius_m) {
+//!             let mut msg = String::from("geofence: `radius_m` must be 1 to 100000, not ");
+//!             json::write_i64(&mut msg, radius_m);
+//!             return Err(msg);
+//!         }
+//!         Ok(Geofence { radius_m })
+//!     }
+//!
+//!     fn filter(&mut self, _record: &mut Record) -> Verdict {
+//!         Verdict::Pass
+//!     }
+//! }
+//!
+//! let err = livecast_plugin_sdk::testing::Harness::<Geofence>::new(r#"{"radius_m": 0}"#).err();
+//! assert_eq!(err.as_deref(), Some("geofence: `radius_m` must be 1 to 100000, not 0"));
+//!
+//! // A float, to a fixed number of decimals; or several pieces at once.
+//! let mut msg = String::from("speed ");
+//! json::write_f64_rounded(&mut msg, 63.456, 1);
+//! msg.push_str(" km/h is over the limit");
+//! assert_eq!(msg, "speed 63.5 km/h is over the limit");
+//! assert_eq!(["unknown mode `", "fast", "`"].concat(), "unknown mode `fast`");
+//! ```
+//!
 //! # Size and speed
 //!
 //! The SDK has no dependencies, brings its own small allocator (feature
