@@ -1,4 +1,5 @@
-//! The smallest configurable plugin: drops the records of one device.
+//! A complete plugin in a few lines: drops positions computed from fewer
+//! than 4 satellites.
 //!
 //! ```sh
 //! cargo build --release --target wasm32-unknown-unknown --example minimal
@@ -6,28 +7,11 @@
 
 use livecast_plugin_sdk::prelude::*;
 
-/// Config: `{"device_id": "<imei>"}`.
-pub struct DropDevice {
-    imei: String,
-}
-
-impl Plugin for DropDevice {
-    fn init(config: &str) -> Result<Self, String> {
-        let cfg = Config::parse(config)?;
-        cfg.deny_unknown(&["device_id"])?;
-        let imei = cfg.str("device_id")?.ok_or("`device_id` is required")?;
-        Ok(DropDevice {
-            imei: imei.to_string(),
-        })
-    }
-
-    fn filter(&mut self, record: &mut Record) -> Verdict {
-        if record.device_id() == Some(self.imei.as_str()) {
-            Verdict::Drop
-        } else {
-            Verdict::Pass
-        }
+fn enough_satellites(record: &mut Record) -> Verdict {
+    match record.satellites() {
+        Some(n) if n < 4 => Verdict::Drop,
+        _ => Verdict::Pass,
     }
 }
 
-export_plugin!(DropDevice);
+filter!(enough_satellites);

@@ -16,7 +16,14 @@
 //! makes segregated power-of-two lists good enough.
 //!
 //! The logic is written against [`Memory`] so that it is unit-tested natively
-//! on a fake linear memory.
+//! on a fake linear memory, against a model with proptest, and under Miri,
+//! which checks every access for undefined behaviour (the tests shrink under
+//! `cfg(miri)`; nightly only, so a manual check, not a CI step):
+//!
+//! ```sh
+//! rustup +nightly component add miri
+//! MIRIFLAGS=-Zmiri-strict-provenance cargo +nightly miri test -p livecast-plugin-sdk --lib heap
+//! ```
 
 use core::ptr;
 
