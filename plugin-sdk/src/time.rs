@@ -54,20 +54,25 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
         return None;
     }
     let mut i = 19;
-    let mut nanos = 0i64;
+    // Milliseconds, and whether the nanoseconds past them are nonzero: all
+    // the truncation below needs of the host's nanosecond value.
+    let (mut millis, mut sub_millis) = (0i64, false);
     if sep(i, b'.') {
         i += 1;
         let start = i;
         while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
             // Digits past the nanosecond are read and ignored.
-            if i - start < 9 {
-                nanos = nanos * 10 + i64::from(c - b'0');
+            match i - start {
+                0..3 => millis = millis * 10 + i64::from(c - b'0'),
+                3..9 => sub_millis |= c != b'0',
+                _ => {}
             }
             i += 1;
         }
         match i - start {
             0 => return None,
-            n @ 1..9 => nanos *= 10i64.pow(9 - n as u32),
+            1 => millis *= 100,
+            2 => millis *= 10,
             _ => {}
         }
     }
@@ -85,8 +90,8 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     };
     let leap = second == 60;
     if leap {
-        second = 59;
-        nanos = 999_999_999;
+        // 23:59:59.999999999, whatever fraction was written.
+        (second, millis, sub_millis) = (59, 999, true);
     }
     let days = days_from_civil(year, month, day);
     let secs = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_min * 60;
@@ -98,8 +103,8 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
         }
     }
     // Truncate the instant toward zero, as the host does with nanoseconds.
-    let floor = secs * 1_000 + nanos / 1_000_000;
-    Some(if floor < 0 && nanos % 1_000_000 != 0 {
+    let floor = secs * 1_000 + millis;
+    Some(if floor < 0 && sub_millis {
         floor + 1
     } else {
         floor
@@ -182,6 +187,12 @@ mod tests {
         assert_eq!(parse_rfc3339_ms("1969-12-31T23:59:59.999Z"), Some(-1));
         assert_eq!(parse_rfc3339_ms("1969-12-31T23:59:58.0001Z"), Some(-1_999));
         assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00.0009Z"), Some(0));
+        // Only the first nine digits count, as in the host's nanoseconds.
+        assert_eq!(
+            parse_rfc3339_ms("1969-12-31T23:59:59.9990000001Z"),
+            Some(-1)
+        );
+        assert_eq!(parse_rfc3339_ms("1969-12-31T23:59:59.999000001Z"), Some(0));
     }
 
     #[test]
