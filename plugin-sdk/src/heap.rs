@@ -1,6 +1,13 @@
-//! The plugins' global allocator on wasm (feature `allocator`, on by
-//! default): about 1 KB of code where the standard library's dlmalloc is
-//! about 9 KB, which is most of a small plugin.
+//! The plugins' global allocator on single-threaded wasm (feature
+//! `allocator`, on by default): the shipped plugins are several KB smaller
+//! with it than with the standard library's dlmalloc, a large share of a
+//! small plugin.
+//!
+//! It stays, rather than a crate, on measurement (the commit that kept it
+//! has the numbers): talc and lol_alloc made the shipped plugins a little
+//! smaller, but executed a few percent more wasm instructions per record in
+//! a plugin that rewrites every record, talc brings three crates, and the
+//! chain benchmark could not tell them apart on a shared two-core machine.
 //!
 //! - Requests up to 64 KiB are rounded up to a power of two and served from
 //!   one free list per size; blocks are aligned to their size, so a recycled
@@ -16,7 +23,14 @@
 //! makes segregated power-of-two lists good enough.
 //!
 //! The logic is written against [`Memory`] so that it is unit-tested natively
-//! on a fake linear memory.
+//! on a fake linear memory, against a model with proptest, and under Miri,
+//! which checks every access for undefined behaviour (the tests shrink under
+//! `cfg(miri)`; nightly only, so a manual check, not a CI step):
+//!
+//! ```sh
+//! rustup +nightly component add miri
+//! MIRIFLAGS=-Zmiri-strict-provenance cargo +nightly miri test -p livecast-plugin-sdk --lib heap
+//! ```
 
 use core::ptr;
 
@@ -295,7 +309,11 @@ impl<M: Memory> Heap<M> {
     }
 }
 
-#[cfg(all(target_arch = "wasm32", feature = "allocator"))]
+#[cfg(all(
+    target_arch = "wasm32",
+    not(target_feature = "atomics"),
+    feature = "allocator"
+))]
 mod global {
     use core::alloc::{GlobalAlloc, Layout};
     use core::cell::UnsafeCell;
@@ -324,11 +342,20 @@ mod global {
 
     struct SmallAlloc(UnsafeCell<Heap<WasmMemory>>);
 
-    // SAFETY: a wasm instance is single-threaded.
+    // SAFETY: `Sync` lets several threads use `&SmallAlloc` at once; this
+    // module only exists for wasm32 without the `atomics` target feature,
+    // which has exactly one thread (no shared memory, no way to start
+    // another), so that cannot happen. With `atomics` the module is left
+    // out and the standard library's thread-safe allocator serves.
     unsafe impl Sync for SmallAlloc {}
 
-    // SAFETY (all methods): single-threaded and never re-entered (the heap
-    // does not allocate), so the `&mut` to the state is unique.
+    // SAFETY (all methods): the `&mut Heap` made from the cell is the only
+    // reference to it while it lives. There is one thread (above), and
+    // nothing re-enters the allocator during a call: the heap code does not
+    // allocate, and wasm32-unknown-unknown has no signals or interrupts.
+    // `Heap` returns blocks that satisfy the layout (size classes are
+    // aligned to their size, large blocks to the page) or null, and takes
+    // back only what the caller promises it handed out with that layout.
     unsafe impl GlobalAlloc for SmallAlloc {
         unsafe fn alloc(&self, l: Layout) -> *mut u8 {
             unsafe { (*self.0.get()).alloc(l.size(), l.align()) }
@@ -406,19 +433,24 @@ mod tests {
         assert_eq!(class(usize::MAX, 1), None);
     }
 
-    /// A deterministic mix of allocations, frees and reallocs, checking that
-    /// live blocks never overlap, are aligned, and keep their contents.
-    #[test]
-    fn random_workload_keeps_blocks_disjoint_and_intact() {
-        let mut heap = Heap::new(Fake::new(1024));
+    /// One step of a workload: sizes and indexes are taken modulo what
+    /// is live, so that any sequence is meaningful.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc { size: usize, align_shift: u32 },
+        Free { pick: usize },
+        Realloc { pick: usize, size: usize },
+    }
+
+    /// Runs `ops` on a heap of at most `pages` pages against a model (the
+    /// live blocks and the byte each was filled with), checking after every
+    /// step that live blocks are aligned, never overlap, and keep their
+    /// contents through reallocation; and at the end, that memory stayed
+    /// within a small factor of the peak live size. An allocation may fail
+    /// only when memory cannot grow.
+    fn run_workload(pages: usize, ops: &[Op]) {
+        let mut heap = Heap::new(Fake::new(pages));
         let mut live: Vec<(*mut u8, usize, usize, u8)> = Vec::new();
-        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut rand = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
         let fill = |p: *mut u8, n: usize, v: u8| unsafe { ptr::write_bytes(p, v, n) };
         let check = |p: *mut u8, n: usize, v: u8| {
             (0..n)
@@ -426,51 +458,72 @@ mod tests {
                 .chain(n.checked_sub(1))
                 .all(|i| unsafe { *p.add(i) } == v)
         };
+        // Growing memory for `size` bytes takes at most this many pages (one
+        // more for alignment); a refusal is only allowed when they are not
+        // left under the cap.
+        let full =
+            |heap: &Heap<Fake>, size: usize| heap.mem.pages + size.div_ceil(PAGE) + 1 > pages;
         let mut peak = 0;
-        for step in 0..20_000 {
-            let op = rand(10);
-            if op < 4 || live.is_empty() {
-                let size = match rand(4) {
-                    0 => rand(300_000),
-                    _ => rand(2_000),
-                };
-                let align = 1 << rand(7);
-                let p = heap.alloc(size, align);
-                assert!(!p.is_null(), "step {step}: out of memory");
-                assert_eq!(p as usize % align, 0);
-                let tag = (step % 251) as u8;
-                fill(p, size, tag);
-                live.push((p, size, align, tag));
-            } else if op < 8 {
-                let (p, size, align, tag) = live.swap_remove(rand(live.len()));
-                assert!(check(p, size, tag), "step {step}: block corrupted");
-                unsafe { heap.dealloc(p, size, align) };
-            } else {
-                let i = rand(live.len());
-                let (p, size, align, tag) = live[i];
-                let new_size = rand(200_000);
-                let q = unsafe { heap.realloc(p, size, align, new_size) };
-                assert!(!q.is_null());
-                assert!(
-                    check(q, size.min(new_size), tag),
-                    "step {step}: realloc lost data"
-                );
-                fill(q, new_size, tag);
-                live[i] = (q, new_size, align, tag);
+        for (step, op) in ops.iter().enumerate() {
+            let tag = (step % 251) as u8;
+            match *op {
+                Op::Alloc { size, align_shift } => {
+                    let align = 1usize << align_shift;
+                    let p = heap.alloc(size, align);
+                    if align > PAGE {
+                        assert!(p.is_null(), "step {step}: alignment {align} granted");
+                        continue;
+                    }
+                    if p.is_null() {
+                        assert!(full(&heap, size), "step {step}: refused with room left");
+                        continue;
+                    }
+                    assert_eq!(p as usize % align, 0, "step {step}");
+                    fill(p, size, tag);
+                    live.push((p, size, align, tag));
+                }
+                Op::Free { pick } => {
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let (p, size, align, tag) = live.swap_remove(pick % live.len());
+                    assert!(check(p, size, tag), "step {step}: block corrupted");
+                    unsafe { heap.dealloc(p, size, align) };
+                }
+                Op::Realloc { pick, size } => {
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let i = pick % live.len();
+                    let (p, old, align, tag) = live[i];
+                    // GlobalAlloc never asks for a zero-size reallocation.
+                    let size = size.max(1);
+                    let q = unsafe { heap.realloc(p, old, align, size) };
+                    if q.is_null() {
+                        assert!(full(&heap, size), "step {step}: refused with room left");
+                        assert!(check(p, old, tag), "step {step}: refusal touched the block");
+                        continue;
+                    }
+                    assert_eq!(q as usize % align, 0, "step {step}");
+                    assert!(
+                        check(q, old.min(size), tag),
+                        "step {step}: realloc lost data"
+                    );
+                    fill(q, size, tag);
+                    live[i] = (q, size, align, tag);
+                }
             }
             let live_bytes: usize = live.iter().map(|l| l.1).sum();
             peak = peak.max(live_bytes);
-            if step % 1000 == 0 {
-                let mut spans: Vec<(usize, usize)> = live
-                    .iter()
-                    .map(|&(p, s, _, _)| (p as usize, p as usize + s))
-                    .collect();
-                spans.sort();
-                assert!(
-                    spans.windows(2).all(|w| w[0].1 <= w[1].0),
-                    "step {step}: overlap"
-                );
-            }
+            let mut spans: Vec<(usize, usize)> = live
+                .iter()
+                .map(|&(p, s, _, _)| (p as usize, p as usize + s))
+                .collect();
+            spans.sort();
+            assert!(
+                spans.windows(2).all(|w| w[0].1 <= w[1].0),
+                "step {step}: overlap"
+            );
         }
         // Power-of-two classes and unmerged small blocks cost memory; keep
         // the overhead within a small factor of the peak live size.
@@ -482,6 +535,66 @@ mod tests {
         for (p, size, align, tag) in live.drain(..) {
             assert!(check(p, size, tag));
             unsafe { heap.dealloc(p, size, align) };
+        }
+    }
+
+    /// A long deterministic mix of allocations, frees and reallocs, small
+    /// and large. Under Miri (`cargo +nightly miri test`), a short one.
+    #[test]
+    fn random_workload_keeps_blocks_disjoint_and_intact() {
+        let (pages, steps, big) = if cfg!(miri) {
+            (64, 300, 150_000)
+        } else {
+            (1024, 20_000, 300_000)
+        };
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rand = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let ops: Vec<Op> = (0..steps)
+            .map(|_| match rand(10) {
+                0..4 => Op::Alloc {
+                    size: if rand(4) == 0 { rand(big) } else { rand(2_000) },
+                    align_shift: rand(7) as u32,
+                },
+                4..8 => Op::Free {
+                    pick: rand(1 << 20),
+                },
+                _ => Op::Realloc {
+                    pick: rand(1 << 20),
+                    size: rand(big * 2 / 3),
+                },
+            })
+            .collect();
+        run_workload(pages, &ops);
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let size = prop_oneof![4 => 0usize..512, 2 => 0usize..70_000, 1 => 0usize..600_000];
+        prop_oneof![
+            4 => (size.clone(), 0u32..18).prop_map(|(size, align_shift)| Op::Alloc { size, align_shift }),
+            3 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+            2 => (any::<usize>(), size).prop_map(|(pick, size)| Op::Realloc { pick, size }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: if cfg!(miri) { 2 } else { 64 },
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Any sequence of operations, including alignments past a page
+        /// (refused) and memory running out (a null, never a corrupt
+        /// block), keeps the model's invariants.
+        #[test]
+        fn any_workload_keeps_the_model(ops in proptest::collection::vec(op(), 1..if cfg!(miri) { 40 } else { 300 })) {
+            run_workload(if cfg!(miri) { 32 } else { 256 }, &ops);
         }
     }
 

@@ -15,10 +15,12 @@
 //! # Ok::<(), livecast_plugin_sdk::json::Error>(())
 //! ```
 
+use core::cmp::Ordering;
 use core::fmt;
 
-/// Deepest nesting the scanner follows. Records are two levels deep; the limit
-/// only exists so that hostile input cannot exhaust the wasm stack.
+/// Deepest nesting that [`is_valid`], [`parse`] and [`Config`] follow: they
+/// recurse, and hostile input must not exhaust the wasm stack. A
+/// [`Record`](crate::Record) is read at any depth, as the host reads it.
 pub const MAX_DEPTH: usize = 64;
 
 /// A JSON syntax error: where it was found and what was expected.
@@ -224,13 +226,17 @@ pub(crate) fn skip_value(b: &[u8], i: usize, depth: usize) -> Result<usize> {
 /// has validated the record already, and nested values (the attributes) are
 /// copied verbatim, so a full check would only cost time: it is the bulk of a
 /// record.
+///
+/// Any depth is followed, as the host's parser follows it, without
+/// recursion: the kind of each bracket is checked for the outer 64 levels
+/// (one bit each) and only counted deeper, where nothing but hostile input
+/// goes, and the host has rejected any mismatch there already.
 pub(crate) fn skip_value_fast(b: &[u8], i: usize) -> Result<usize> {
     if !matches!(b.get(i), Some(b'{' | b'[')) {
         return skip_value(b, i, 0);
     }
-    // One bit per open container, 1 for an object: enough to check that
-    // each closing bracket matches.
-    let (mut stack, mut depth) = (0u64, 0u32);
+    // One bit per open container, 1 for an object.
+    let (mut stack, mut depth) = (0u64, 0usize);
     let mut j = i;
     loop {
         match b.get(j) {
@@ -240,17 +246,18 @@ pub(crate) fn skip_value_fast(b: &[u8], i: usize) -> Result<usize> {
                 continue;
             }
             Some(&open @ (b'{' | b'[')) => {
-                if depth == 64 {
-                    return Err(Error::new(j, "nesting too deep"));
+                if depth < 64 {
+                    stack = (stack << 1) | u64::from(open == b'{');
                 }
-                stack = (stack << 1) | u64::from(open == b'{');
                 depth += 1;
             }
             Some(&close @ (b'}' | b']')) => {
-                if depth == 0 || (stack & 1 == 1) != (close == b'}') {
+                if depth == 0 || (depth <= 64 && (stack & 1 == 1) != (close == b'}')) {
                     return Err(Error::new(j, "mismatched bracket"));
                 }
-                stack >>= 1;
+                if depth <= 64 {
+                    stack >>= 1;
+                }
                 depth -= 1;
                 if depth == 0 {
                     return Ok(j + 1);
@@ -530,22 +537,23 @@ pub fn write_str(out: &mut String, s: &str) {
 
 /// Parses a JSON number. `None` when `raw` is not exactly one JSON number or
 /// when it overflows to infinity (`1e400`): a non-finite value is never what a
-/// record meant.
+/// record meant, and the host rejects such a record too.
 ///
-/// The result is correctly rounded (identical to `str::parse::<f64>`) when
-/// the number's first 19 significant digits, as an integer, times 10^-31 to
-/// 10^27 give its value: every coordinate and speed, and any double between
-/// about 1e-14 and 1e27 written by a shortest round-trip formatter such as
-/// JavaScript's. (Longer numbers are too, except in the rare case where the
-/// digits past the 19th decide the rounding.) Otherwise it is within a few
-/// units in the last place. (The standard library's parser is not used: its tables add about
-/// 20 KB to every wasm module.)
+/// The result is correctly rounded for every input, identical to
+/// `str::parse::<f64>` and to the host's parser, whatever the number of
+/// digits or the exponent. Coordinates and speeds take a fast path of one
+/// IEEE operation; only numbers with more than 19 significant digits whose
+/// rounding the first 19 do not decide, or with extreme exponents, take a
+/// slower exact one. (The standard library's parser is not used: its tables
+/// add about 18 KB to every wasm module.)
 ///
 /// ```
 /// use livecast_plugin_sdk::json::parse_f64;
 /// assert_eq!(parse_f64("41.327953"), Some(41.327953));
 /// assert_eq!(parse_f64("41.327953299999996"), Some(41.327953299999996));
+/// assert_eq!(parse_f64("4.1327953e1"), Some(41.327953));
 /// assert_eq!(parse_f64("-1.5e3"), Some(-1500.0));
+/// assert_eq!(parse_f64("2.2250738585072011e-308"), Some(2.225073858507201e-308));
 /// assert_eq!(parse_f64("1e400"), None);
 /// assert_eq!(parse_f64("01"), None);
 /// ```
@@ -605,7 +613,10 @@ pub fn parse_f64(raw: &str) -> Option<f64> {
         } else {
             exact_f64(mant, exp)
         };
-        exact.unwrap_or_else(|| approx_f64(mant, exp))
+        match exact {
+            Some(v) => v,
+            None => slow_f64(digits, approx_f64(mant, exp))?,
+        }
     };
     let v = if neg { -v } else { v };
     v.is_finite().then_some(v)
@@ -656,7 +667,8 @@ fn exact_f64(mant: u64, exp: i64) -> Option<f64> {
     Some(q as f64 * two_pow(-i64::from(shift) - i64::from(k)))
 }
 
-/// Within a few ulps: a rounded mantissa scaled by exact powers of ten.
+/// Within a few ulps: a rounded mantissa scaled by exact powers of ten. The
+/// slow path's first guess.
 fn approx_f64(mant: u64, mut exp: i64) -> f64 {
     let mut v = mant as f64;
     while exp > 0 {
@@ -670,6 +682,221 @@ fn approx_f64(mant: u64, mut exp: i64) -> f64 {
         exp += step;
     }
     v
+}
+
+/// Significant digits the slow path keeps. A midpoint between two doubles
+/// has at most 767 significant digits, so past this many only "is any
+/// remaining digit nonzero" matters (kept as one more digit, a sticky 1).
+const SLOW_DIGITS: u32 = 800;
+
+/// Room for the largest number compared: about 2670 bits (801 digits, or a
+/// 55-bit midpoint times 5^1124), with margin for a guess a few ulps off.
+const LIMBS: usize = 96;
+
+/// A fixed-size unsigned integer, least significant 32-bit limb first.
+/// Only what the slow path needs, kept small: it is in every module that
+/// reads a number.
+#[derive(Clone, Copy)]
+struct Big {
+    len: usize,
+    limbs: [u32; LIMBS],
+}
+
+impl Big {
+    fn new(v: u64) -> Big {
+        let mut b = Big {
+            len: 2,
+            limbs: [0; LIMBS],
+        };
+        b.limbs[0] = v as u32;
+        b.limbs[1] = (v >> 32) as u32;
+        while b.len > 0 && b.limbs.get(b.len - 1) == Some(&0) {
+            b.len -= 1;
+        }
+        b
+    }
+
+    /// `self × m + a`; `false` on overflow.
+    #[inline(never)]
+    fn mul_add(&mut self, m: u32, a: u32) -> bool {
+        let mut carry = u64::from(a);
+        for limb in self.limbs.iter_mut().take(self.len) {
+            let v = u64::from(*limb) * u64::from(m) + carry;
+            *limb = v as u32;
+            carry = v >> 32;
+        }
+        if carry != 0 {
+            let Some(top) = self.limbs.get_mut(self.len) else {
+                return false;
+            };
+            *top = carry as u32;
+            self.len += 1;
+        }
+        true
+    }
+
+    /// `self × 5^n`, or `self × 2^n`; `false` on overflow. By repeated
+    /// multiplication, which is slow but small: this path is rare.
+    fn mul_pow(&mut self, five: bool, mut n: u32) -> bool {
+        let (step, factor) = if five {
+            (13, 1_220_703_125)
+        } else {
+            (31, 1 << 31)
+        };
+        while n >= step {
+            if !self.mul_add(factor, 0) {
+                return false;
+            }
+            n -= step;
+        }
+        self.mul_add(if five { 5u32.pow(n) } else { 1 << n }, 0)
+    }
+
+    fn cmp(&self, other: &Big) -> Ordering {
+        let (a, b) = (&self.limbs[..], &other.limbs[..]);
+        self.len.cmp(&other.len).then_with(|| {
+            a.iter()
+                .zip(b)
+                .take(self.len)
+                .rev()
+                .map(|(x, y)| x.cmp(y))
+                .find(|o| o.is_ne())
+                .unwrap_or(Ordering::Equal)
+        })
+    }
+}
+
+/// The correctly rounded value of a validated, unsigned JSON number whose
+/// fast paths failed: its digits as an integer `d` times `10^e`, compared
+/// exactly with the midpoints next to `guess` (within a few ulps), stepping
+/// until the value lies between them. `None` when it rounds to infinity.
+#[cold]
+#[inline(never)]
+fn slow_f64(digits: &[u8], guess: f64) -> Option<f64> {
+    let (mut d, mut kept, mut e, mut sticky) = (Big::new(0), 0u32, 0i64, false);
+    let mut in_fraction = false;
+    let mut i = 0;
+    while let Some(&c) = digits.get(i) {
+        match c {
+            b'0'..=b'9' => {
+                if kept == 0 && c == b'0' {
+                    e -= i64::from(in_fraction);
+                } else if kept < SLOW_DIGITS {
+                    // 801 digits fit in LIMBS: this cannot overflow.
+                    d.mul_add(10, u32::from(c - b'0'));
+                    kept += 1;
+                    e -= i64::from(in_fraction);
+                } else {
+                    sticky |= c != b'0';
+                    e += i64::from(!in_fraction);
+                }
+            }
+            b'.' => in_fraction = true,
+            _ => break,
+        }
+        i += 1;
+    }
+    if sticky {
+        d.mul_add(10, 1);
+        kept += 1;
+        e -= 1;
+    }
+    if let Some(x) = digits.get(i + 1..) {
+        let (neg, x) = match x.split_first() {
+            Some((b'-', r)) => (true, r),
+            Some((b'+', r)) => (false, r),
+            _ => (false, x),
+        };
+        let n = x
+            .iter()
+            .fold(0i64, |n, &c| (n * 10 + i64::from(c - b'0')).min(100_000));
+        e += if neg { -n } else { n };
+    }
+    if kept == 0 {
+        return Some(0.0);
+    }
+    // The value lies in [10^(e+kept-1), 10^(e+kept)).
+    let magnitude = e + i64::from(kept);
+    if magnitude > 310 {
+        return None;
+    }
+    if magnitude < -324 {
+        // Below 10^-324, less than half the smallest subnormal.
+        return Some(0.0);
+    }
+    if e > 0 && !d.mul_pow(true, e as u32) {
+        return finite(guess);
+    }
+    const INF: u64 = 0x7FF0_0000_0000_0000;
+    let mut bits = guess.to_bits().min(INF);
+    loop {
+        let (biased, fraction) = ((bits >> 52) as i64, bits & ((1 << 52) - 1));
+        // bits = m * 2^q, with INF standing for 2^1024.
+        let (m, q) = if biased == 0 {
+            (fraction, -1074)
+        } else {
+            (fraction | 1 << 52, biased - 1075)
+        };
+        let odd = m & 1 == 1;
+        // Up while the value is above the midpoint with the next double
+        // (or on it, when that rounds to even).
+        if bits < INF {
+            match compare(&d, e, 2 * m + 1, q - 1) {
+                Some(Ordering::Greater) => {
+                    bits += 1;
+                    continue;
+                }
+                Some(Ordering::Equal) if odd => {
+                    bits += 1;
+                    continue;
+                }
+                Some(_) => {}
+                None => return finite(guess),
+            }
+        }
+        if bits == 0 {
+            break;
+        }
+        // Down likewise. At the bottom of a binade the double below is half
+        // as far away.
+        let (low, k) = if fraction == 0 && biased > 1 {
+            (4 * m - 1, q - 2)
+        } else {
+            (2 * m - 1, q - 1)
+        };
+        match compare(&d, e, low, k) {
+            Some(Ordering::Less) => bits -= 1,
+            Some(Ordering::Equal) if odd => bits -= 1,
+            Some(_) => break,
+            None => return finite(guess),
+        }
+    }
+    finite(f64::from_bits(bits))
+}
+
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+/// Compares `d × 10^e` (where `d` already holds `d × 5^e` when `e > 0`)
+/// with `m × 2^k`, exactly: both sides are scaled to integers, the powers of
+/// five onto the midpoint's side when `e < 0`, and the powers of two onto
+/// whichever side `2^(k - e)` leaves. `None` if a number outgrows [`Big`],
+/// which the bounds on the exponents rule out.
+#[inline(never)]
+fn compare(d: &Big, e: i64, m: u64, k: i64) -> Option<Ordering> {
+    let mut mid = Big::new(m);
+    if e < 0 && !mid.mul_pow(true, e.unsigned_abs() as u32) {
+        return None;
+    }
+    let mut lhs = *d;
+    let shift = k - e;
+    let ok = if shift >= 0 {
+        mid.mul_pow(false, shift as u32)
+    } else {
+        lhs.mul_pow(false, shift.unsigned_abs() as u32)
+    };
+    ok.then(|| lhs.cmp(&mid))
 }
 
 /// Parses a JSON number as an integer. Accepts `12`, `-3`, and also `12.0` or
@@ -1018,13 +1245,14 @@ fn parse_at(text: &str, i: usize, depth: usize) -> Result<(Value, usize)> {
 ///
 /// A lazy view like [`Record`](crate::Record) (no value tree is built, which
 /// keeps plugins small). Typed getters return `Ok(None)` when a key is absent
-/// or `null`, and an error message naming the key when it has the wrong
-/// type, so `init` reads as a list of `?`s.
+/// or `null` (so `"strip": null` leaves the default in force), and an error
+/// message naming the key when it has the wrong type, so `init` reads as a
+/// list of `?`s.
 ///
 /// ```
 /// use livecast_plugin_sdk::json::Config;
 ///
-/// let cfg = Config::parse(r#"{"keep": ["66", "239"], "decimals": 3, "value": {"a": 1}}"#)?;
+/// let cfg = Config::parse(r#"{"keep": ["66", "239"], "decimals": 3, "strip": null, "value": {"a": 1}}"#)?;
 /// cfg.deny_unknown(&["keep", "decimals", "strip", "value"])?;
 /// assert_eq!(cfg.str_list("keep")?, Some(vec!["66".to_string(), "239".to_string()]));
 /// assert_eq!(cfg.i64("decimals")?.unwrap_or(2), 3);
@@ -1137,12 +1365,22 @@ impl<'a> Config<'a> {
         self.typed(key, "a string", |_| None)
     }
 
-    /// A finite number.
+    /// A number, integers included: TOML's `41` arrives as JSON `41` and
+    /// reads as `41.0`; `4.1e1` and `41.0` read the same. `Err` for
+    /// anything else, and for a number too large for a double (`1e400`).
+    ///
+    /// ```
+    /// let cfg = livecast_plugin_sdk::Config::parse(r#"{"max": 41, "min": 2.5e-1}"#)?;
+    /// assert_eq!(cfg.f64("max")?, Some(41.0));
+    /// assert_eq!(cfg.f64("min")?, Some(0.25));
+    /// # Ok::<(), String>(())
+    /// ```
     pub fn f64(&self, key: &str) -> core::result::Result<Option<f64>, String> {
         self.typed(key, "a number", parse_f64)
     }
 
-    /// An integer.
+    /// An integer: `12`, also `12.0` or `1.2e1`; `Err` for a fraction or
+    /// a value outside `i64`.
     pub fn i64(&self, key: &str) -> core::result::Result<Option<i64>, String> {
         self.typed(key, "an integer", parse_i64)
     }
@@ -1304,23 +1542,198 @@ mod tests {
         }
     }
 
+    /// Numbers past the fast paths: long mantissas, extreme exponents,
+    /// subnormals, the edges of overflow, and the classic hard cases.
     #[test]
-    fn numbers_outside_the_exact_range_are_close() {
+    fn numbers_outside_the_fast_paths_are_correctly_rounded() {
         for s in [
             "2.2250738585072014e-308",
+            "2.2250738585072011e-308",
+            "2.2250738585072012e-308",
+            "4.4501477170144023e-308",
             "1.7976931348623157e308",
+            "1.7976931348623158e308",
             "1e300",
+            "8.98846567431158e307",
             "123456789e-250",
             "1.2345678901234567890123456789",
             "98765432109876543210987654321e-5",
             "1.00000000000000011102230246251565",
+            "1.00000000000000011102230246251565404236316680908203125",
+            "1.00000000000000011102230246251565404236316680908203124",
+            "1.00000000000000011102230246251565404236316680908203126",
+            "9007199254740993.0000000000000000000000001",
             "1.2345678901234567e-20",
+            "5e-324",
+            "2.4703282292062328e-324",
+            "2.4703282292062327e-324",
+            "1e-400",
+            "0.000000000000000000000000000000000000000000001e45",
+            "1e23",
+            "0e99999999999",
+            "1e-99999999999",
         ] {
-            let (ours, std) = (parse_f64(s).unwrap(), s.parse::<f64>().unwrap());
-            assert!(((ours - std) / std).abs() < 1e-14, "{s}: {ours} vs {std}");
+            assert_eq!(
+                parse_f64(s).map(f64::to_bits),
+                Some(s.parse::<f64>().unwrap().to_bits()),
+                "{s}"
+            );
         }
-        assert!(parse_f64("5e-324").is_some_and(|v| v < 1e-300));
-        assert_eq!(parse_f64("1e-400"), Some(0.0));
+        for s in ["1.7976931348623159e308", "1e309", "1e99999999999"] {
+            assert_eq!(parse_f64(s), None, "{s}");
+        }
+    }
+
+    /// Exact decimal digits of `m × 2^q`, as `(digits, e)` with value
+    /// `digits × 10^e`: a midpoint between two doubles, written out in full.
+    fn exact_decimal(m: u64, q: i64) -> (String, i64) {
+        // Little-endian base 10^9, independent of the parser's big integer.
+        let mut n: Vec<u64> = vec![m % 1_000_000_000, m / 1_000_000_000 % 1_000_000_000];
+        n.push(m / 1_000_000_000_000_000_000);
+        let times = |n: &mut Vec<u64>, k: u64| {
+            let mut carry = 0;
+            for x in n.iter_mut() {
+                let v = *x * k + carry;
+                *x = v % 1_000_000_000;
+                carry = v / 1_000_000_000;
+            }
+            if carry > 0 {
+                n.push(carry);
+            }
+        };
+        for _ in 0..q.unsigned_abs() {
+            times(&mut n, if q >= 0 { 2 } else { 5 });
+        }
+        while n.len() > 1 && n.last() == Some(&0) {
+            n.pop();
+        }
+        let mut s = n.last().unwrap().to_string();
+        for x in n.iter().rev().skip(1) {
+            s += &format!("{x:09}");
+        }
+        (s, q.min(0))
+    }
+
+    /// The midpoint between a double and the next, exactly, and just above
+    /// and below it (by a digit far past the 19th, and past the 800th): the
+    /// inputs where a parser that is only nearly right goes wrong.
+    fn midpoint_cases(bits: u64) -> Vec<String> {
+        let (biased, fraction) = ((bits >> 52) as i64, bits & ((1 << 52) - 1));
+        let (m, q) = if biased == 0 {
+            (fraction, -1074)
+        } else {
+            (fraction | 1 << 52, biased - 1075)
+        };
+        let (d, e) = exact_decimal(2 * m + 1, q - 1);
+        let zeros = "0".repeat(800);
+        let mut below = d.clone().into_bytes();
+        let mut i = below.len();
+        while i > 0 {
+            i -= 1;
+            if below[i] > b'0' {
+                below[i] -= 1;
+                break;
+            }
+            below[i] = b'9';
+        }
+        let below = String::from_utf8(below).unwrap();
+        vec![
+            format!("{d}e{e}"),
+            format!("{d}000000001e{}", e - 9),
+            format!("{d}{zeros}1e{}", e - 801),
+            format!("{d}{zeros}e{}", e - 800),
+            format!("{below}999e{}", e - 3),
+            format!("0.{}{d}e{}", "0".repeat(30), e + 30 + d.len() as i64),
+        ]
+    }
+
+    #[test]
+    fn midpoints_round_to_even_and_neighbours_away() {
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut edges = vec![0, 1, 2, (1 << 52) - 1, 1 << 52, (1 << 52) + 1];
+        edges.extend([
+            0x7FEF_FFFF_FFFF_FFFE,
+            0x7FEF_FFFF_FFFF_FFFF,
+            0x3FF0_0000_0000_0000,
+        ]);
+        let random = (0..if cfg!(miri) { 2 } else { 300 }).map(|i| match i % 3 {
+            0 => next() % 0x7FF0_0000_0000_0000,
+            1 => next() >> 12,
+            _ => (next() >> 12) | (2000 << 52),
+        });
+        for bits in edges.into_iter().chain(random) {
+            for text in midpoint_cases(bits) {
+                let want = text.parse::<f64>().ok().filter(|v| v.is_finite());
+                assert_eq!(
+                    parse_f64(&text).map(f64::to_bits),
+                    want.map(f64::to_bits),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: if cfg!(miri) { 4 } else { 2_000 },
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Any JSON number, however many digits and whatever its exponent,
+        /// parses exactly as the standard library's correctly rounded parser.
+        #[test]
+        fn any_number_matches_the_standard_library(
+            neg in proptest::bool::ANY,
+            int in "0|[1-9][0-9]{0,30}",
+            frac in proptest::option::of("[0-9]{1,60}"),
+            exp in proptest::option::of((proptest::bool::ANY, 0u32..400)),
+        ) {
+            let mut text = String::new();
+            if neg {
+                text.push('-');
+            }
+            text += &int;
+            if let Some(f) = frac {
+                text += ".";
+                text += &f;
+            }
+            if let Some((e_neg, e)) = exp {
+                text += if e_neg { "e-" } else { "e+" };
+                text += &e.to_string();
+            }
+            let want = text.parse::<f64>().ok().filter(|v| v.is_finite());
+            proptest::prop_assert_eq!(parse_f64(&text).map(f64::to_bits), want.map(f64::to_bits), "{}", text);
+        }
+
+        /// Every finite double, written with any number of significant
+        /// digits, parses back as the standard library parses that text.
+        #[test]
+        fn written_doubles_match_the_standard_library(
+            bits in 0u64..0x7FF0_0000_0000_0000,
+            precision in 0usize..40,
+        ) {
+            let v = f64::from_bits(bits);
+            for text in [format!("{v:e}"), format!("{v:.precision$e}"), format!("{v}")] {
+                let want = text.parse::<f64>().ok().filter(|v| v.is_finite());
+                proptest::prop_assert_eq!(parse_f64(&text).map(f64::to_bits), want.map(f64::to_bits), "{}", text);
+            }
+        }
+
+        /// Whatever the bytes, the number parser never panics, and accepts
+        /// exactly the JSON numbers.
+        #[test]
+        fn number_parser_never_panics(text in "[-+0-9.eE]{0,40}|\\PC{0,20}") {
+            let parsed = parse_f64(&text);
+            let syntax = !text.is_empty() && scan_number(text.as_bytes(), 0).ok() == Some(text.len());
+            proptest::prop_assert!(parsed.is_none() || syntax, "{}", text);
+        }
     }
 
     #[test]
@@ -1384,10 +1797,15 @@ mod tests {
         for bad in ["{", "{]", "[}", "{\"a\":\"}", "]", "[[[", "tru"] {
             assert_eq!(skip(bad), None, "{bad}");
         }
-        let deep = "[".repeat(65) + &"]".repeat(65);
-        assert_eq!(skip(&deep), None);
-        let ok = "[".repeat(64) + &"]".repeat(64);
-        assert_eq!(skip(&ok), Some(128));
+        // Any depth, as the host reads it; bracket kinds are checked for
+        // the outer 64 levels.
+        for depth in [31, 32, 33, 64, 500] {
+            let ok = "[{\"a\":".repeat(depth) + "0" + &"}]".repeat(depth);
+            assert_eq!(skip(&ok), Some(ok.len()), "{depth}");
+            let bad = "[{\"a\":".repeat(depth) + "0" + &"}]".repeat(depth - 1) + "]}";
+            assert_eq!(skip(&bad), None, "{depth}");
+            assert_eq!(skip(&ok[..ok.len() - 1]), None, "{depth}");
+        }
     }
 
     #[test]
@@ -1413,11 +1831,43 @@ mod tests {
             "\"\u{1}\"",
             "{a:1}",
             "\"\\q\"",
+            "[1 2]",
+            "{\"a\":1 \"b\":2}",
+            "[}",
+            "{]",
+            "[,1]",
+            "{,}",
+            "{\"a\":[1}]}",
+            "[1]]",
+            "{} {}",
         ] {
             assert!(!is_valid(bad), "{bad}");
         }
         let deep = "[".repeat(MAX_DEPTH + 2) + &"]".repeat(MAX_DEPTH + 2);
         assert!(!is_valid(&deep));
+    }
+
+    /// What plugin-guide.md promises about configurations.
+    #[test]
+    fn config_numbers_and_nulls() {
+        let cfg = Config::parse(
+            r#"{"int": 41, "exp": 4.1e1, "neg": -2, "frac": 0.5, "null": null, "big": 1e400}"#,
+        )
+        .unwrap();
+        // TOML's integers arrive as JSON integers; f64 takes them.
+        assert_eq!(cfg.f64("int").unwrap(), Some(41.0));
+        assert_eq!(cfg.f64("exp").unwrap(), Some(41.0));
+        assert_eq!(cfg.f64("neg").unwrap(), Some(-2.0));
+        assert_eq!(cfg.i64("exp").unwrap(), Some(41));
+        assert!(cfg.i64("frac").is_err());
+        assert!(cfg.f64("big").is_err());
+        // null is absent for every getter, so defaults apply.
+        assert_eq!(cfg.f64("null").unwrap(), None);
+        assert_eq!(cfg.i64("null").unwrap(), None);
+        assert_eq!(cfg.bool("null").unwrap(), None);
+        assert_eq!(cfg.str("null").unwrap(), None);
+        assert_eq!(cfg.str_list("null").unwrap(), None);
+        assert_eq!(cfg.get_raw("null"), Some("null"));
     }
 
     #[test]

@@ -57,15 +57,58 @@
 //!   rewrite after the filter modified it is dropped (fail closed) with a
 //!   warning.
 //!
+//! # Error messages without `format!`
+//!
+//! `format!` works, but pulls `core::fmt` into the module (several KB). An
+//! `init` error is usually a few pieces of text and a number; `String`'s
+//! own methods and [`json::write_i64`] / [`json::write_f64_rounded`] build
+//! it without `core::fmt`:
+//!
+//! ```
+//! use livecast_plugin_sdk::prelude::*;
+//! use livecast_plugin_sdk::json;
+//!
+//! struct Geofence { radius_m: i64 }
+//!
+//! impl Plugin for Geofence {
+//!     fn init(config: &str) -> Result<Self, String> {
+//!         let cfg = Config::parse(config)?;
+//!         let radius_m = cfg.i64("radius_m")?.unwrap_or(500);
+//!         if !(1..=100_000).contains(&radius_m) {
+//!             let mut msg = String::from("geofence: `radius_m` must be 1 to 100000, not ");
+//!             json::write_i64(&mut msg, radius_m);
+//!             return Err(msg);
+//!         }
+//!         Ok(Geofence { radius_m })
+//!     }
+//!
+//!     fn filter(&mut self, _record: &mut Record) -> Verdict {
+//!         Verdict::Pass
+//!     }
+//! }
+//!
+//! let err = livecast_plugin_sdk::testing::Harness::<Geofence>::new(r#"{"radius_m": 0}"#).err();
+//! assert_eq!(err.as_deref(), Some("geofence: `radius_m` must be 1 to 100000, not 0"));
+//!
+//! // A float, to a fixed number of decimals; or several pieces at once.
+//! let mut msg = String::from("speed ");
+//! json::write_f64_rounded(&mut msg, 63.456, 1);
+//! msg.push_str(" km/h is over the limit");
+//! assert_eq!(msg, "speed 63.5 km/h is over the limit");
+//! assert_eq!(["unknown mode `", "fast", "`"].concat(), "unknown mode `fast`");
+//! ```
+//!
 //! # Size and speed
 //!
 //! The SDK has no dependencies, brings its own small allocator (feature
 //! `allocator`) and keeps `core::fmt` and panicking code out of everything a
-//! record passes through. In the `plugin` profile a filter that reads nothing
-//! is about 11 KB of wasm, a small configured filter about 30 KB, one that
-//! also formats numbers about 40 KB. [`Record::set_f64`] adds about 20 KB of
-//! float formatting: prefer [`Record::set_f64_rounded`] where a fixed number
-//! of decimals will do.
+//! record passes through. In the `plugin` profile (`cargo build -p livecast`
+//! builds the shipped plugins to `target/plugins/`) a filter that reads
+//! nothing is about 17 KB of wasm (`passthrough`), a small configured filter
+//! about 32 KB (`drop-device`), one that parses numbers and timestamps about
+//! 57 KB (`plausibility`). [`Record::set_f64`] adds about 20 KB of float
+//! formatting: prefer [`Record::set_f64_rounded`] where a fixed number of
+//! decimals will do.
 //!
 //! Measured under wasmtime (Cranelift) on a small shared machine: a filter
 //! that reads nothing costs about 30 to 40 ns per record, one that reads the
@@ -76,18 +119,65 @@
 #![warn(missing_docs)]
 
 pub mod abi;
-// Natively the system allocator serves; the heap is only unit-tested there.
-#[cfg(any(test, target_arch = "wasm32"))]
+// The allocator is for single-threaded wasm only, as talc gates its own:
+// with the `atomics` target feature a wasm module may have threads, and a
+// lock-free allocator shared between them would be undefined behaviour.
+// Natively the system allocator serves; the heap is unit-tested there.
+#[cfg(any(
+    test,
+    all(
+        target_arch = "wasm32",
+        not(target_feature = "atomics"),
+        feature = "allocator"
+    )
+))]
 mod heap;
 pub mod json;
 pub mod log;
 mod record;
+mod runtime;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 pub mod time;
 
 pub use json::Config;
 pub use record::{Attributes, EditError, Record};
+
+/// What [`export_plugin!`] expands to needs; not part of the API, and may
+/// change in any release.
+#[doc(hidden)]
+pub mod __private {
+    use core::cell::RefCell;
+
+    pub use crate::runtime::Runtime;
+
+    /// The static that holds a plugin instance's [`Runtime`]: a `RefCell`
+    /// that may live in a `static` because nothing can share it.
+    pub struct Slot<T>(RefCell<T>);
+
+    // SAFETY: `Sync` promises that `&Slot` may be used from several threads
+    // at once. WebAssembly without the `atomics` target feature has exactly
+    // one thread (no shared memory, no way to start another), so no second
+    // thread can exist to use it: the promise holds vacuously, for any `T`,
+    // as for the standard library's thread locals on this target. Elsewhere
+    // `Slot` is not `Sync`, and `export_plugin!` refuses to compile.
+    #[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+    unsafe impl<T> Sync for Slot<T> {}
+
+    impl<T> Slot<T> {
+        pub const fn new(value: T) -> Self {
+            Slot(RefCell::new(value))
+        }
+
+        /// Runs `f` on the value, or returns `None` when it is already in
+        /// use: an export entered while another runs, which the host never
+        /// does, fails instead of aliasing the state.
+        #[inline(always)]
+        pub fn with<R>(&self, f: impl FnOnce(&mut T) -> Option<R>) -> Option<R> {
+            f(&mut *self.0.try_borrow_mut().ok()?)
+        }
+    }
+}
 
 /// Everything a plugin usually needs: `use livecast_plugin_sdk::prelude::*;`.
 pub mod prelude {
@@ -215,8 +305,7 @@ macro_rules! export_plugin {
         $crate::__export_plugin!($plugin, true, {
             #[unsafe(no_mangle)]
             extern "C" fn deliver_batch(ptr: i32, len: i32) -> i32 {
-                runtime()
-                    .deliver_batch(ptr as u32 as usize, len as u32 as usize)
+                with_runtime(|rt| rt.deliver_batch(ptr as u32 as usize, len as u32 as usize))
                     .map_or(0, |p| p as i32)
             }
         });
@@ -234,14 +323,18 @@ macro_rules! __export_plugin {
 
         #[cfg(target_arch = "wasm32")]
         const _: () = {
-            static RUNTIME: $crate::abi::Global<$crate::abi::Runtime<$plugin>> =
-                $crate::abi::Global::new($crate::abi::Runtime::new());
+            #[cfg(target_feature = "atomics")]
+            ::core::compile_error!(
+                "livecast plugins are single-threaded: build without the `atomics` target feature"
+            );
 
-            fn runtime() -> &'static mut $crate::abi::Runtime<$plugin> {
-                // SAFETY: a wasm instance is single-threaded and the host
-                // never re-enters an export, so each export holds the only
-                // reference for the duration of its call.
-                unsafe { RUNTIME.get() }
+            static RUNTIME: $crate::__private::Slot<$crate::__private::Runtime<$plugin>> =
+                $crate::__private::Slot::new($crate::__private::Runtime::new());
+
+            fn with_runtime<R>(
+                f: impl FnOnce(&mut $crate::__private::Runtime<$plugin>) -> ::core::option::Option<R>,
+            ) -> ::core::option::Option<R> {
+                RUNTIME.with(f)
             }
 
             #[unsafe(no_mangle)]
@@ -249,20 +342,21 @@ macro_rules! __export_plugin {
 
             #[unsafe(no_mangle)]
             extern "C" fn livecast_reserve(size: i32) -> i32 {
-                runtime().reserve(size as u32 as usize).map_or(0, |p| p as i32)
+                with_runtime(|rt| rt.reserve(size as u32 as usize)).map_or(0, |p| p as i32)
             }
 
             #[unsafe(no_mangle)]
             extern "C" fn init(ptr: i32, len: i32) -> i32 {
-                match runtime().init(ptr as u32 as usize, len as u32 as usize) {
-                    Ok(()) => 0,
-                    Err(_) => 1,
+                match with_runtime(|rt| rt.init(ptr as u32 as usize, len as u32 as usize).ok()) {
+                    Some(()) => 0,
+                    None => 1,
                 }
             }
 
             #[unsafe(no_mangle)]
             extern "C" fn filter_batch(ptr: i32, len: i32) -> i32 {
-                runtime().filter_batch(ptr as u32 as usize, len as u32 as usize).map_or(0, |p| p as i32)
+                with_runtime(|rt| rt.filter_batch(ptr as u32 as usize, len as u32 as usize))
+                    .map_or(0, |p| p as i32)
             }
 
             $($extra)*

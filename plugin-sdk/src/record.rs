@@ -413,8 +413,10 @@ impl<'a> Record<'a> {
         self.get_str("timestamp")
     }
 
-    /// `timestamp` as milliseconds since the Unix epoch (offsets such as
-    /// `+02:00` applied, digits past milliseconds truncated).
+    /// `timestamp` as milliseconds since the Unix epoch, offsets such as
+    /// `+02:00` applied: exactly the `ts` the host sends to clients, and
+    /// `None` exactly when the host would reject the timestamp (the rules
+    /// are at [`parse_rfc3339_ms`](crate::time::parse_rfc3339_ms)).
     ///
     /// ```
     /// let r = livecast_plugin_sdk::Record::new(r#"{"timestamp":"2026-05-02T12:15:30.123+02:00"}"#);
@@ -424,12 +426,20 @@ impl<'a> Record<'a> {
         crate::time::parse_rfc3339_ms(self.timestamp()?)
     }
 
-    /// `latitude`, degrees.
+    /// `latitude`, degrees: any JSON number (`41.327953`, `41`,
+    /// `4.1327953e1`), read exactly as the host reads it, to the same double
+    /// (see [`parse_f64`](crate::json::parse_f64)). `None` when absent, not a
+    /// number, or too large for a double.
+    ///
+    /// ```
+    /// let r = livecast_plugin_sdk::Record::new(r#"{"latitude": 4.1327953e1}"#);
+    /// assert_eq!(r.latitude(), Some(41.327953));
+    /// ```
     pub fn latitude(&self) -> Option<f64> {
         self.get_f64("latitude")
     }
 
-    /// `longitude`, degrees.
+    /// `longitude`, degrees; read as [`latitude`](Self::latitude).
     pub fn longitude(&self) -> Option<f64> {
         self.get_f64("longitude")
     }
@@ -915,6 +925,27 @@ mod tests {
         assert_eq!(r.attributes().count(), 4);
         assert!(!r.is_modified());
         assert_eq!(r.to_json().as_deref(), Some(SAMPLE));
+    }
+
+    /// Coordinates in any JSON number syntax read as the same double.
+    #[test]
+    fn coordinates_read_exponents_and_integers() {
+        for text in [
+            "41.327953",
+            "4.1327953e1",
+            "4.1327953E+1",
+            "413279.53e-4",
+            "41327953e-6",
+        ] {
+            let r =
+                Record::new(&format!(r#"{{"latitude": {text}, "longitude": {text}}}"#)).latitude();
+            assert_eq!(r, Some(41.327953), "{text}");
+        }
+        let r = Record::new(r#"{"latitude": 41, "longitude": -0}"#);
+        assert_eq!(r.latitude(), Some(41.0));
+        assert_eq!(r.longitude().map(f64::to_bits), Some((-0.0f64).to_bits()));
+        let r = Record::new(r#"{"latitude": "41.3", "longitude": 1e400}"#);
+        assert_eq!((r.latitude(), r.longitude()), (None, None));
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //!
 //! A [`Harness`] drives the plugin through the same ABI code the host calls
 //! (batch encoding, the input region, the output table), so what passes here
-//! behaves the same inside livecast. Replacements are checked the way the host
-//! checks them: a replacement that is not a JSON object with `device_id`,
-//! `timestamp`, `latitude` and `longitude` fails the test.
+//! behaves the same inside livecast. Replacements are checked with the
+//! host's rules ([`check_record`]): one the host would reject as a
+//! malformed output fails the test.
 //!
 //! ```
 //! use livecast_plugin_sdk::prelude::*;
@@ -30,8 +30,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::abi::{self, Output, Runtime};
-use crate::{Audience, Plugin, json, log};
+use crate::abi::{self, Output};
+use crate::runtime::Runtime;
+use crate::{Audience, Config, Plugin, Record, json, log};
 
 /// What the plugin did with one item.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,19 +178,74 @@ fn outcomes(out: &Output, n: usize) -> Vec<Outcome> {
         .collect()
 }
 
-/// The host's check on a replacement: a JSON object with at least
-/// `device_id`, `timestamp`, `latitude` and `longitude`.
+/// The host's check on a replacement, which is the check every stream entry
+/// passes too (`docs/plugin-abi.md`, "A valid record"): one JSON object in
+/// which `device_id` is a non-empty string, `timestamp` an RFC 3339 string
+/// with an offset, `latitude` and `longitude` numbers within ±90 and ±180,
+/// `speed` and `angle` numbers if present, and none of these (nor
+/// `attributes`) appears twice. `null` counts as absent. The reason is for
+/// a test failure message.
+///
+/// One difference: JSON nested deeper than [`json::MAX_DEPTH`] is refused
+/// here, where the host would take it.
+///
+/// ```
+/// use livecast_plugin_sdk::testing::{check_record, SampleRecord};
+/// assert_eq!(check_record(&SampleRecord::new().build()), Ok(()));
+/// let far = SampleRecord::new().position(91.0, 0.0).build();
+/// assert_eq!(check_record(&far), Err("`latitude` or `longitude` is outside the globe"));
+/// ```
 pub fn check_record(json: &str) -> Result<(), &'static str> {
-    let v = json::parse(json).map_err(|_| "not valid JSON")?;
-    if v.as_object().is_none() {
+    if !json::is_valid(json) {
+        return Err("not valid JSON");
+    }
+    if !json
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
         return Err("not a JSON object");
     }
-    for key in ["device_id", "timestamp", "latitude", "longitude"] {
-        if v.get(key).is_none() {
-            return Err("a required key is missing");
+    let config = Config::parse(json).map_err(|_| "not valid JSON")?;
+    let keys: Vec<String> = config.keys().collect();
+    for key in [
+        "device_id",
+        "timestamp",
+        "latitude",
+        "longitude",
+        "speed",
+        "angle",
+        "attributes",
+    ] {
+        if keys.iter().filter(|k| *k == key).count() > 1 {
+            return Err("a member the host reads appears twice");
         }
     }
-    Ok(())
+    let r = Record::new(json);
+    let absent = |key: &str| matches!(r.get_raw(key), None | Some("null"));
+    for key in ["device_id", "timestamp"] {
+        if !absent(key) && r.get_str(key).is_none() {
+            return Err("`device_id` and `timestamp` must be strings");
+        }
+    }
+    for key in ["latitude", "longitude", "speed", "angle"] {
+        if !absent(key) && r.get_f64(key).is_none() {
+            return Err("`latitude`, `longitude`, `speed` and `angle` must be numbers");
+        }
+    }
+    if r.device_id().is_none_or(str::is_empty)
+        || ["timestamp", "latitude", "longitude"]
+            .into_iter()
+            .any(absent)
+    {
+        return Err("`device_id`, `timestamp`, `latitude` or `longitude` is missing or empty");
+    }
+    if r.timestamp_ms().is_none() {
+        return Err("`timestamp` is not RFC 3339 with an offset");
+    }
+    match (r.latitude(), r.longitude()) {
+        (Some(lat), Some(lon)) if lat.abs() <= 90.0 && lon.abs() <= 180.0 => Ok(()),
+        _ => Err("`latitude` or `longitude` is outside the globe"),
+    }
 }
 
 /// Builds sample record JSON in the upstream shape; every field has a

@@ -197,12 +197,16 @@ fn parse_settings(config: &str) -> Result<Settings, String> {
 
 #[cfg(target_arch = "wasm32")]
 const _: () = {
-    static STATE: livecast_plugin_sdk::abi::Global<Malformed> =
-        livecast_plugin_sdk::abi::Global::new(Malformed::new());
+    use std::cell::RefCell;
 
-    fn state() -> &'static mut Malformed {
-        // SAFETY: single-threaded guest, exports never re-entered.
-        unsafe { STATE.get() }
+    // The instance's state: a plain static on wasm, which has no threads.
+    thread_local! {
+        static STATE: RefCell<Malformed> = const { RefCell::new(Malformed::new()) };
+    }
+
+    /// Runs `f` on the state; `None` only if an export were re-entered.
+    fn with_state<R>(f: impl FnOnce(&mut Malformed) -> R) -> Option<R> {
+        STATE.with(|s| Some(f(&mut *s.try_borrow_mut().ok()?)))
     }
 
     #[unsafe(no_mangle)]
@@ -210,19 +214,19 @@ const _: () = {
 
     #[unsafe(no_mangle)]
     extern "C" fn livecast_reserve(size: i32) -> i32 {
-        state()
-            .reserve(size as u32 as usize)
+        with_state(|s| s.reserve(size as u32 as usize))
+            .flatten()
             .map_or(0, |p| p as i32)
     }
 
     #[unsafe(no_mangle)]
     extern "C" fn init(ptr: i32, len: i32) -> i32 {
-        state().init(ptr as u32 as usize, len as u32 as usize)
+        with_state(|s| s.init(ptr as u32 as usize, len as u32 as usize)).unwrap_or(1)
     }
 
     #[unsafe(no_mangle)]
     extern "C" fn filter_batch(ptr: i32, len: i32) -> i32 {
-        state().filter_batch(ptr as u32 as usize, len as u32 as usize) as i32
+        with_state(|s| s.filter_batch(ptr as u32 as usize, len as u32 as usize)).unwrap_or(0) as i32
     }
 };
 
