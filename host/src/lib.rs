@@ -61,7 +61,7 @@ pub mod test_util {
     };
     pub use crate::filter::{AudienceRef, Chain, Record};
     pub use crate::metrics::{FailureLabel, FilterMetrics, Metrics};
-    pub use crate::record::Position;
+    pub use crate::record::{Malformed, Position};
     pub use crate::server::{Inspector, install_crypto};
     pub use crate::snapshot::SNAPSHOT_SQL;
 }

@@ -1,7 +1,7 @@
 //! The host and the plugin SDK read a record the same way.
 //!
 //! The host decodes every stream entry with serde_json and the `time`
-//! crate (`livecast::record::Position::decode`); a plugin reads the same
+//! crate (`livecast::test_util::Position::decode`); a plugin reads the same
 //! bytes with the SDK's own scanner, number parser and timestamp parser
 //! (`Record`). If the two disagreed, a geofence plugin could keep a position
 //! the map then shows outside the fence. These properties generate payloads,
@@ -15,7 +15,7 @@
 //! PROPTEST_CASES=200000 cargo test --release -p livecast-tests --test sdk_differential
 //! ```
 
-use livecast::record::{Malformed, Position};
+use livecast::test_util::{Malformed, Position};
 use livecast_plugin_sdk::Record;
 use livecast_plugin_sdk::json;
 use livecast_plugin_sdk::testing::check_record;
