@@ -12,10 +12,46 @@ use wasmtime::{
     PoolingAllocationConfig, ValType,
 };
 
+use super::config::TooLarge;
 use super::sandbox::{Sandbox, link_log};
 
 /// Resolution of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// A wasmtime error as a standard error, its causes kept as sources.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the process has no WebAssembly engine (then no chain can load).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot create the WebAssembly engine")]
+    Create(#[source] BoxError),
+    #[error("cannot link the log import")]
+    Link(#[source] BoxError),
+    #[error("cannot start the epoch ticker")]
+    Ticker(#[source] std::io::Error),
+}
+
+/// Why a module cannot be a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum ModuleError {
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+    #[error("not a valid WebAssembly module")]
+    Invalid(#[source] BoxError),
+    #[error(
+        "imports {module}::{name}; the only import a plugin may have is livecast::log(i32, i32, i32)"
+    )]
+    Import { module: String, name: String },
+    #[error("does not export livecast_abi_v1: not a livecast plugin, or another ABI version")]
+    NotAPlugin,
+    #[error("does not export its memory as \"memory\"")]
+    NoMemory,
+    #[error("must export {name} as a function {ty}")]
+    Export { name: &'static str, ty: String },
+    #[error("cannot link the module")]
+    Link(#[source] BoxError),
+}
 
 /// A validated, compiled plugin module, ready to instantiate.
 pub struct Compiled {
@@ -32,15 +68,12 @@ pub struct FilterEngine {
 
 impl FilterEngine {
     /// The engine, created on first use with its epoch ticker.
-    pub fn global() -> Result<&'static FilterEngine, String> {
-        static ENGINE: OnceLock<Result<FilterEngine, String>> = OnceLock::new();
-        ENGINE
-            .get_or_init(FilterEngine::new)
-            .as_ref()
-            .map_err(Clone::clone)
+    pub fn global() -> Result<&'static FilterEngine, &'static EngineError> {
+        static ENGINE: OnceLock<Result<FilterEngine, EngineError>> = OnceLock::new();
+        ENGINE.get_or_init(FilterEngine::new).as_ref()
     }
 
-    fn new() -> Result<FilterEngine, String> {
+    fn new() -> Result<FilterEngine, EngineError> {
         let mut pool = PoolingAllocationConfig::default();
         // Slots for every plugin of the running chain, the trial instances of
         // a reload, and the instances of several hosts in one test process.
@@ -65,10 +98,9 @@ impl FilterEngine {
             .memory_reservation(4 << 30)
             .memory_reservation_for_growth(0)
             .memory_guard_size(32 << 20);
-        let engine =
-            Engine::new(&cfg).map_err(|e| format!("cannot create the WebAssembly engine: {e}"))?;
+        let engine = Engine::new(&cfg).map_err(|e| EngineError::Create(e.into()))?;
         let mut linker = Linker::new(&engine);
-        link_log(&mut linker).map_err(|e| format!("cannot link the log import: {e}"))?;
+        link_log(&mut linker).map_err(|e| EngineError::Link(e.into()))?;
 
         let ticker = engine.clone();
         std::thread::Builder::new()
@@ -79,7 +111,7 @@ impl FilterEngine {
                     ticker.increment_epoch();
                 }
             })
-            .map_err(|e| format!("cannot start the epoch ticker: {e}"))?;
+            .map_err(EngineError::Ticker)?;
         Ok(FilterEngine {
             engine,
             linker,
@@ -89,35 +121,36 @@ impl FilterEngine {
 
     /// Compiles and validates a module against ABI v1, or returns the cached
     /// compilation of identical bytes.
-    pub fn compile(&self, wasm: &[u8], max_module_bytes: usize) -> Result<Arc<Compiled>, String> {
+    pub fn compile(
+        &self,
+        wasm: &[u8],
+        max_module_bytes: usize,
+    ) -> Result<Arc<Compiled>, ModuleError> {
         if wasm.len() > max_module_bytes {
-            return Err(format!(
-                "the module is {} bytes, over max_module_bytes ({max_module_bytes})",
-                wasm.len()
-            ));
+            return Err(TooLarge {
+                size: wasm.len() as u64,
+                max: max_module_bytes,
+            }
+            .into());
         }
         let digest: [u8; 32] = Sha256::digest(wasm).into();
-        if let Some(c) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&digest)
-        {
+        if let Some(c) = self.cache().get(&digest) {
             return Ok(c.clone());
         }
-        let module = Module::new(&self.engine, wasm)
-            .map_err(|e| format!("not a valid WebAssembly module: {e:#}"))?;
+        let module = Module::new(&self.engine, wasm).map_err(|e| ModuleError::Invalid(e.into()))?;
         let has_deliver = validate(&module)?;
         let pre = self
             .linker
             .instantiate_pre(&module)
-            .map_err(|e| format!("cannot link the module: {e:#}"))?;
+            .map_err(|e| ModuleError::Link(e.into()))?;
         let compiled = Arc::new(Compiled { pre, has_deliver });
-        self.cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(digest, compiled.clone());
+        self.cache().insert(digest, compiled.clone());
         Ok(compiled)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Compiled>>> {
+        // The map stays consistent whatever panicked while holding it.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn engine(&self) -> &Engine {
@@ -131,7 +164,7 @@ fn func(params: &[ValType], results: &[ValType], engine: &Engine) -> FuncType {
 
 /// Checks imports and exports against the ABI; returns whether the module
 /// has a delivery stage.
-fn validate(module: &Module) -> Result<bool, String> {
+fn validate(module: &Module) -> Result<bool, ModuleError> {
     use ValType::I32;
     let engine = module.engine();
     for import in module.imports() {
@@ -139,31 +172,90 @@ fn validate(module: &Module) -> Result<bool, String> {
             && import.name() == "log"
             && matches!(import.ty(), ExternType::Func(f) if FuncType::eq(&f, &func(&[I32, I32, I32], &[], engine)));
         if !ok {
-            return Err(format!(
-                "imports {}::{}; the only import a plugin may have is livecast::log(i32, i32, i32)",
-                import.module(),
-                import.name()
-            ));
+            return Err(ModuleError::Import {
+                module: import.module().to_owned(),
+                name: import.name().to_owned(),
+            });
         }
     }
     let export = |name: &str| module.get_export(name);
     if export("livecast_abi_v1").is_none() {
-        return Err(
-            "does not export livecast_abi_v1: not a livecast plugin, or another ABI version".into(),
-        );
+        return Err(ModuleError::NotAPlugin);
     }
     if !matches!(export("memory"), Some(ExternType::Memory(_))) {
-        return Err("does not export its memory as \"memory\"".into());
+        return Err(ModuleError::NoMemory);
     }
-    let expect = |name: &str, ty: FuncType, required: bool| -> Result<bool, String> {
-        match export(name) {
-            None if !required => Ok(false),
-            Some(ExternType::Func(f)) if FuncType::eq(&f, &ty) => Ok(true),
-            _ => Err(format!("must export {name} as a function {ty}")),
-        }
+    let expect = |name: &'static str, ty: FuncType, required: bool| match export(name) {
+        None if !required => Ok(false),
+        Some(ExternType::Func(f)) if FuncType::eq(&f, &ty) => Ok(true),
+        _ => Err(ModuleError::Export {
+            name,
+            ty: ty.to_string(),
+        }),
     };
     expect("livecast_reserve", func(&[I32], &[I32], engine), true)?;
     expect("init", func(&[I32, I32], &[I32], engine), true)?;
     expect("filter_batch", func(&[I32, I32], &[I32], engine), true)?;
     expect("deliver_batch", func(&[I32, I32], &[I32], engine), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(e: ModuleError) -> String {
+        format!("{:#}", anyhow::Error::new(e))
+    }
+
+    fn wat(text: &str) -> Vec<u8> {
+        wat::parse_str(text).expect("assembles")
+    }
+
+    #[test]
+    fn a_module_that_is_no_plugin_is_refused_with_the_reason() {
+        let engine = FilterEngine::global().expect("engine");
+        let refused = |wasm: &[u8], max: usize| match engine.compile(wasm, max) {
+            Ok(_) => panic!("compiled"),
+            Err(e) => e,
+        };
+        let e = refused(b"\0asm\x01\0\0\0garbage", usize::MAX);
+        assert!(matches!(e, ModuleError::Invalid(_)));
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "wasmtime's error is kept as the source"
+        );
+        let text = report(e);
+        assert!(
+            text.starts_with("not a valid WebAssembly module: failed to parse"),
+            "the parser's reason follows: {text}"
+        );
+
+        assert_eq!(
+            report(refused(b"\0asm\x01\0\0\0", 4)),
+            "the module is 8 bytes, over max_module_bytes (4)"
+        );
+        assert_eq!(
+            report(refused(&wat("(module)"), usize::MAX)),
+            "does not export livecast_abi_v1: not a livecast plugin, or another ABI version"
+        );
+        assert_eq!(
+            report(refused(
+                &wat(r#"(module (import "env" "clock" (func)) (func (export "livecast_abi_v1")))"#),
+                usize::MAX
+            )),
+            "imports env::clock; the only import a plugin may have is livecast::log(i32, i32, i32)"
+        );
+        assert_eq!(
+            report(refused(
+                &wat(
+                    r#"(module (func (export "livecast_abi_v1")) (memory (export "memory") 1)
+                        (func (export "livecast_reserve") (param i32) (result i32) i32.const 0)
+                        (func (export "init") (param i32 i32) (result i32) i32.const 0)
+                        (func (export "filter_batch") (param i32) (result i32) i32.const 0))"#
+                ),
+                usize::MAX
+            )),
+            "must export filter_batch as a function (type (func (param i32 i32) (result i32)))"
+        );
+    }
 }

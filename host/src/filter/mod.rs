@@ -32,10 +32,22 @@ use std::sync::Arc;
 
 pub use abi::AudienceRef;
 pub use config::ChainSpec;
-pub use plugin::Plugin;
+pub use plugin::{Plugin, PluginError};
 pub use record::{Decided, Record};
 
 use crate::metrics::FilterMetrics;
+
+/// Why a chain could not be loaded: which plugin, and (as the source) why.
+#[derive(Debug, thiserror::Error)]
+#[error("plugin #{index} \"{name}\" ({origin})")]
+pub struct LoadError {
+    /// 1-based position in the chain.
+    pub index: usize,
+    pub name: String,
+    pub origin: String,
+    #[source]
+    pub source: PluginError,
+}
 
 /// The ordered chain of plugins.
 #[derive(Default)]
@@ -53,11 +65,16 @@ impl Chain {
 
     /// Compiles every plugin and runs its `init` on a first instance. Any
     /// failure names the plugin and leaves nothing half-loaded.
-    pub fn load(spec: &ChainSpec, metrics: &Arc<FilterMetrics>) -> Result<Chain, String> {
+    pub fn load(spec: &ChainSpec, metrics: &Arc<FilterMetrics>) -> Result<Chain, LoadError> {
         let mut plugins = Vec::with_capacity(spec.plugins.len());
         for (i, p) in spec.plugins.iter().enumerate() {
-            let plugin = Plugin::load(p, spec.max_module_bytes, metrics)
-                .map_err(|e| format!("plugin #{} \"{}\" ({}): {e}", i + 1, p.name, p.origin))?;
+            let plugin =
+                Plugin::load(p, spec.max_module_bytes, metrics).map_err(|source| LoadError {
+                    index: i + 1,
+                    name: p.name.clone(),
+                    origin: p.origin.clone(),
+                    source,
+                })?;
             plugins.push(plugin);
         }
         metrics.chain_plugins.set(plugins.len() as i64);

@@ -17,8 +17,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
 use super::config::{PluginSpec, Policy};
-use super::engine::{Compiled, FilterEngine};
-use super::instance::{Failure, Instance};
+use super::engine::{Compiled, EngineError, FilterEngine, ModuleError};
+use super::instance::{Failure, Instance, StartError};
 use super::record::Decided;
 use crate::metrics::FilterMetrics;
 use crate::ratelimit::LogLimiter;
@@ -31,6 +31,17 @@ const MAX_ISOLATION_FAILURES: usize = 4;
 const BREAKER_THRESHOLD: u32 = 3;
 const BREAKER_MIN_BACKOFF: Duration = Duration::from_secs(1);
 const BREAKER_MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Why a plugin cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error(transparent)]
+    Engine(&'static EngineError),
+    #[error(transparent)]
+    Module(#[from] ModuleError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
 
 struct Breaker {
     bad_calls: u32,
@@ -82,8 +93,8 @@ impl Plugin {
         spec: &PluginSpec,
         max_module_bytes: usize,
         metrics: &Arc<FilterMetrics>,
-    ) -> Result<Plugin, String> {
-        let engine = FilterEngine::global()?;
+    ) -> Result<Plugin, PluginError> {
+        let engine = FilterEngine::global().map_err(PluginError::Engine)?;
         let compiled = engine.compile(&spec.wasm, max_module_bytes)?;
         let name: Arc<str> = spec.name.as_str().into();
         let instance = Instance::start(
@@ -93,8 +104,7 @@ impl Plugin {
             &spec.config_json,
             spec.memory_limit,
             spec.timeout,
-        )
-        .map_err(|f| f.to_string())?;
+        )?;
         let m = metrics.handles(&spec.name);
         Ok(Plugin {
             m: Handles {
@@ -171,7 +181,7 @@ impl Plugin {
                     v
                 }
                 Err(f) => {
-                    self.failed(&f, n);
+                    self.failed(f, n);
                     self.isolate(n, &call)
                 }
             }
@@ -212,7 +222,7 @@ impl Plugin {
             match self.attempt(i..i + 1, call) {
                 Ok(mut v) => out.push(v.pop().unwrap_or(Decided::Pass)),
                 Err(f) => {
-                    self.failed(&f, 1);
+                    self.failed(f, 1);
                     failures += 1;
                     out.push(self.policy_decision());
                     self.m.by_policy.inc();
@@ -239,30 +249,30 @@ impl Plugin {
         range: Range<usize>,
         call: &impl Fn(&mut Instance, Range<usize>) -> Result<Vec<Decided>, Failure>,
     ) -> Result<Vec<Decided>, Failure> {
-        if self.instance.is_none() {
-            self.instance = Some(Instance::start(
+        let mut inst = match self.instance.take() {
+            Some(inst) => inst,
+            None => Instance::start(
                 self.engine,
                 &self.compiled,
                 &self.name,
                 &self.config_json,
                 self.memory_limit,
                 self.timeout,
-            )?);
-        }
-        let Some(inst) = self.instance.as_mut() else {
-            return Err(Failure::Init("no instance".into()));
+            )?,
         };
-        let result = call(inst, range);
-        if result.is_err() {
-            self.instance = None;
+        let result = call(&mut inst, range);
+        if result.is_ok() {
+            self.instance = Some(inst);
         }
         result
     }
 
-    fn failed(&mut self, f: &Failure, items: usize) {
+    fn failed(&mut self, f: Failure, items: usize) {
         self.metrics.failure(&self.name, f.kind());
         if let Some(held_back) = self.fail_log.allow() {
-            tracing::warn!(plugin = %self.name, kind = f.kind(), items, held_back, "filter plugin failed: {f}");
+            let kind = f.kind();
+            let f = anyhow::Error::new(f);
+            tracing::warn!(plugin = %self.name, kind, items, held_back, "filter plugin failed: {f:#}");
         }
     }
 
