@@ -1,9 +1,14 @@
 //! The WebAssembly engine shared by every chain in the process: compiled
 //! modules cached by content hash, a pooling allocator so a fresh instance
 //! costs microseconds, and an epoch ticker that bounds every call in time.
+//!
+//! The cache holds modules weakly: a module stays compiled while a plugin of
+//! some chain uses it (a reload of unchanged bytes finds it), and its code is
+//! freed with the last such plugin, so hot reloads of new bytes do not pile
+//! up compiled code.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -63,7 +68,8 @@ pub struct Compiled {
 pub struct FilterEngine {
     engine: Engine,
     linker: Linker<Sandbox>,
-    cache: Mutex<HashMap<[u8; 32], Arc<Compiled>>>,
+    /// By content hash; dead entries are swept when a module is added.
+    cache: Mutex<HashMap<[u8; 32], Weak<Compiled>>>,
 }
 
 impl FilterEngine {
@@ -119,8 +125,8 @@ impl FilterEngine {
         })
     }
 
-    /// Compiles and validates a module against ABI v1, or returns the cached
-    /// compilation of identical bytes.
+    /// Compiles and validates a module against ABI v1, or returns the
+    /// compilation of identical bytes that a live plugin still holds.
     pub fn compile(
         &self,
         wasm: &[u8],
@@ -134,9 +140,11 @@ impl FilterEngine {
             .into());
         }
         let digest: [u8; 32] = Sha256::digest(wasm).into();
-        if let Some(c) = self.cache().get(&digest) {
-            return Ok(c.clone());
+        if let Some(c) = self.cache().get(&digest).and_then(Weak::upgrade) {
+            return Ok(c);
         }
+        // Compiled outside the lock: a reload compiling a large module must
+        // not hold up another chain's lookups.
         let module = Module::new(&self.engine, wasm).map_err(|e| ModuleError::Invalid(e.into()))?;
         let has_deliver = validate(&module)?;
         let pre = self
@@ -144,11 +152,13 @@ impl FilterEngine {
             .instantiate_pre(&module)
             .map_err(|e| ModuleError::Link(e.into()))?;
         let compiled = Arc::new(Compiled { pre, has_deliver });
-        self.cache().insert(digest, compiled.clone());
+        let mut cache = self.cache();
+        cache.retain(|_, c| c.strong_count() > 0);
+        cache.insert(digest, Arc::downgrade(&compiled));
         Ok(compiled)
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Compiled>>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Weak<Compiled>>> {
         // The map stays consistent whatever panicked while holding it.
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -202,6 +212,7 @@ fn validate(module: &Module) -> Result<bool, ModuleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::filter::tests::Scripted;
 
     fn report(e: ModuleError) -> String {
         format!("{:#}", anyhow::Error::new(e))
@@ -209,6 +220,57 @@ mod tests {
 
     fn wat(text: &str) -> Vec<u8> {
         wat::parse_str(text).expect("assembles")
+    }
+
+    /// What a hot reload of new bytes does, many times: the module of the
+    /// chain being replaced must leave the cache with its last plugin.
+    #[test]
+    fn a_module_leaves_the_cache_with_the_last_plugin_that_uses_it() {
+        let engine = FilterEngine::global().expect("engine");
+        let modules: Vec<Vec<u8>> = (0..12)
+            .map(|salt| {
+                Scripted {
+                    table: "pppppppppp",
+                    deliver: false,
+                    salt: 1000 + salt,
+                }
+                .wasm()
+            })
+            .collect();
+        let digests: Vec<[u8; 32]> = modules.iter().map(|m| Sha256::digest(m).into()).collect();
+        // Other tests share the engine: count only this test's modules.
+        let cached = || {
+            let cache = engine.cache();
+            digests.iter().filter(|d| cache.contains_key(*d)).count()
+        };
+        let mut running = engine.compile(&modules[0], usize::MAX).expect("compiles");
+        for wasm in &modules[1..] {
+            let next = engine.compile(wasm, usize::MAX).expect("compiles");
+            let replaced = Arc::downgrade(&running);
+            running = next;
+            assert!(
+                replaced.upgrade().is_none(),
+                "nothing else keeps it compiled"
+            );
+            assert!(cached() <= 2);
+        }
+        // The next module added sweeps the last dead entry.
+        let same = engine.compile(modules.last().expect("some"), usize::MAX);
+        assert!(
+            Arc::ptr_eq(&same.expect("compiles"), &running),
+            "found while in use"
+        );
+        let other = Scripted {
+            table: "dddddddddd",
+            deliver: false,
+            salt: 999,
+        };
+        let _other = engine.compile(&other.wasm(), usize::MAX).expect("compiles");
+        assert_eq!(cached(), 1, "only the running chain's module");
+        drop(running);
+        let again = engine.compile(&modules[0], usize::MAX).expect("compiles");
+        assert_eq!(cached(), 1, "the dropped one swept, the new one in");
+        drop(again);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The WebAssembly filter chain, through the running host (plugins.md).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use livecast::test_util::FilterMetrics;
 use livecast_tests::*;
@@ -309,14 +309,32 @@ async fn a_hot_reload_under_traffic_loses_no_connection_and_no_record() {
     let (mut c, _) = subscribed(&host, "u", event).await;
 
     let t0 = now_ms();
+    // The reader reads until A's last record, which the writer names once
+    // it knows it.
+    let (last_tx, last_rx) = tokio::sync::watch::channel(None::<i64>);
     let reader = tokio::spawn(async move {
-        let got = c
-            .positions_until(EVENTUALLY, |got| has(got, A, t0 + 199))
-            .await;
+        let cap = Instant::now() + 3 * EVENTUALLY;
+        let mut got = Vec::new();
+        while Instant::now() < cap {
+            if let Some(last) = *last_rx.borrow()
+                && has(&got, A, last)
+            {
+                break;
+            }
+            match c.next_within(Duration::from_millis(200)).await {
+                Some(v) if v["type"] == "position" => got.push(v),
+                _ => {}
+            }
+        }
         (got, c)
     });
+    // Traffic until the new chain is in and 40 rounds after, however long
+    // the new module takes to compile (a debug build on a loaded machine
+    // takes seconds).
     let mut reloaded_at = None;
-    for i in 0..200i64 {
+    let mut i = 0i64;
+    let cap = Instant::now() + 2 * EVENTUALLY;
+    while reloaded_at.is_none_or(|at| i < at + 40) && Instant::now() < cap {
         env.publish(&payload(A, t0 + i, 1.0, 1.0)).await;
         env.publish(&payload(B, t0 + i, 1.0, 1.0)).await;
         if i == 60 {
@@ -332,7 +350,10 @@ async fn a_hot_reload_under_traffic_loses_no_connection_and_no_record() {
             reloaded_at = Some(i);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+        i += 1;
     }
+    let rounds = i;
+    let _ = last_tx.send(Some(t0 + rounds - 1));
     let reloaded_at = reloaded_at.expect("the chain was reloaded during the traffic");
     let (got, _c) = reader.await.expect("reader");
     let a: Vec<i64> = got
@@ -342,7 +363,7 @@ async fn a_hot_reload_under_traffic_loses_no_connection_and_no_record() {
         .collect();
     assert_eq!(
         a,
-        (0..200).map(|i| t0 + i).collect::<Vec<_>>(),
+        (0..rounds).map(|i| t0 + i).collect::<Vec<_>>(),
         "every record of A, in order, across the swap"
     );
     let b: Vec<i64> = got
