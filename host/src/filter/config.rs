@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// Where the build put the shipped plugins (`<target>/plugins`).
-#[cfg(feature = "test-util")]
+#[cfg(any(test, feature = "test-util"))]
 pub const PLUGIN_DIR: &str = env!("LIVECAST_PLUGIN_DIR");
 
 /// The shipped pass-through plugin: the chain when `LIVE_FILTER_CHAIN` is unset.

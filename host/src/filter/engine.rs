@@ -8,8 +8,9 @@
 //! up compiled code.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::{
@@ -58,6 +59,19 @@ pub enum ModuleError {
     Link(#[source] BoxError),
 }
 
+/// Wall time in epoch ticks: how many are due since the ticker started, and
+/// how many it has counted.
+struct EpochClock {
+    origin: Instant,
+    ticked: AtomicU64,
+}
+
+impl EpochClock {
+    fn due(&self) -> u64 {
+        (self.origin.elapsed().as_nanos() / EPOCH_TICK.as_nanos()) as u64
+    }
+}
+
 /// A validated, compiled plugin module, ready to instantiate.
 pub struct Compiled {
     pub pre: InstancePre<Sandbox>,
@@ -67,6 +81,7 @@ pub struct Compiled {
 /// The process's engine.
 pub struct FilterEngine {
     engine: Engine,
+    clock: Arc<EpochClock>,
     linker: Linker<Sandbox>,
     /// By content hash; dead entries are swept when a module is added.
     cache: Mutex<HashMap<[u8; 32], Weak<Compiled>>>,
@@ -108,18 +123,32 @@ impl FilterEngine {
         let mut linker = Linker::new(&engine);
         link_log(&mut linker).map_err(|e| EngineError::Link(e.into()))?;
 
-        let ticker = engine.clone();
+        let clock = Arc::new(EpochClock {
+            origin: Instant::now(),
+            ticked: AtomicU64::new(0),
+        });
+        let (ticker, ticks) = (engine.clone(), clock.clone());
         std::thread::Builder::new()
             .name("livecast-epoch".into())
             .spawn(move || {
                 loop {
                     std::thread::sleep(EPOCH_TICK);
-                    ticker.increment_epoch();
+                    // Every tick that is due, not one per wake-up: on a
+                    // loaded machine this thread wakes late, and deadlines
+                    // are wall time.
+                    let due = ticks.due();
+                    let mut ticked = ticks.ticked.load(Ordering::Relaxed);
+                    while ticked < due {
+                        ticker.increment_epoch();
+                        ticked += 1;
+                    }
+                    ticks.ticked.store(ticked, Ordering::Relaxed);
                 }
             })
             .map_err(EngineError::Ticker)?;
         Ok(FilterEngine {
             engine,
+            clock,
             linker,
             cache: Mutex::new(HashMap::new()),
         })
@@ -165,6 +194,18 @@ impl FilterEngine {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The epoch deadline (in ticks from the engine's current epoch) of a
+    /// call that may run `allowed` from now: stopped between `allowed` and
+    /// one tick after it. Ticks the ticker has yet to catch up on are added,
+    /// so that a deadline set while it is late is not cut short.
+    pub fn deadline_ticks(&self, allowed: Duration) -> u64 {
+        let behind = self
+            .clock
+            .due()
+            .saturating_sub(self.clock.ticked.load(Ordering::Relaxed));
+        (allowed.as_nanos() / EPOCH_TICK.as_nanos()) as u64 + 1 + behind
     }
 }
 

@@ -4,14 +4,14 @@
 //! that the caller can discard the instance and apply the plugin's policy.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::{Memory, Store, Trap, TypedFunc};
 
 use bytes::Bytes;
 
 use super::abi::{self, AudienceRef, RawVerdict};
-use super::engine::{BoxError, Compiled, EPOCH_TICK, FilterEngine};
+use super::engine::{BoxError, Compiled, FilterEngine};
 use super::record::{Decided, Record};
 use super::sandbox::Sandbox;
 use crate::record::Position;
@@ -68,8 +68,27 @@ pub enum StartError {
     Init(#[source] Failure),
 }
 
+/// How long the next calls into the guest may run: each one at most
+/// `per_call`, and none past `until` (the wall-time budget of the batch
+/// they serve).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub per_call: Duration,
+    pub until: Instant,
+}
+
+impl Deadline {
+    /// What a call armed now may run.
+    fn allowed(&self) -> Duration {
+        self.until
+            .saturating_duration_since(Instant::now())
+            .min(self.per_call)
+    }
+}
+
 /// A live instance.
 pub struct Instance {
+    engine: &'static FilterEngine,
     store: Store<Sandbox>,
     memory: Memory,
     reserve: TypedFunc<i32, i32>,
@@ -77,25 +96,25 @@ pub struct Instance {
     deliver: Option<TypedFunc<(i32, i32), i32>>,
     /// The guest's input region: pointer and capacity.
     region: (u32, usize),
-    deadline_ticks: u64,
+    deadline: Deadline,
 }
 
 impl Instance {
-    /// Instantiates the module and runs `init` with the configuration.
+    /// Instantiates the module and runs `init` with the configuration, both
+    /// calls within `deadline`.
     pub fn start(
-        engine: &FilterEngine,
+        engine: &'static FilterEngine,
         compiled: &Compiled,
         plugin: &Arc<str>,
         config_json: &str,
         memory_limit: usize,
-        timeout: Duration,
+        deadline: Deadline,
     ) -> Result<Instance, StartError> {
         let sandbox = Sandbox::new(plugin.clone(), memory_limit);
         let mut store = Store::new(engine.engine(), sandbox);
         store.limiter(|s| s);
         store.epoch_deadline_trap();
-        let deadline_ticks = (timeout.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1;
-        store.set_epoch_deadline(deadline_ticks);
+        store.set_epoch_deadline(engine.deadline_ticks(deadline.allowed()));
         let instance = compiled
             .pre
             .instantiate(&mut store)
@@ -122,13 +141,14 @@ impl Instance {
             false => None,
         };
         let mut inst = Instance {
+            engine,
             store,
             memory,
             reserve,
             filter,
             deliver,
             region: (0, 0),
-            deadline_ticks,
+            deadline,
         };
         let cfg = config_json.as_bytes();
         let ptr = inst.input(cfg.len()).map_err(StartError::Config)?;
@@ -149,10 +169,16 @@ impl Instance {
         }
     }
 
+    /// The limits of the calls that follow, until set again.
+    pub fn set_deadline(&mut self, deadline: Deadline) {
+        self.deadline = deadline;
+    }
+
     /// Before each call: a fresh deadline, and forget a refused memory grow
     /// the guest survived (it must not turn a later failure into `memory`).
     fn arm(&mut self) {
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        let ticks = self.engine.deadline_ticks(self.deadline.allowed());
+        self.store.set_epoch_deadline(ticks);
         self.store.data_mut().memory_denied = false;
     }
 

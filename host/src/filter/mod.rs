@@ -315,6 +315,16 @@ mod tests {
         }
     }
 
+    /// A shipped plugin's module (`<target>/plugins`).
+    pub(crate) fn shipped(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/plugin_{}.wasm",
+            super::config::PLUGIN_DIR,
+            name.replace('-', "_")
+        );
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
     pub(crate) fn count(
         family: &prometheus_client::metrics::family::Family<
             PluginLabel,
