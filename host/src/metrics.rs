@@ -12,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// A single `result`/`reason`/`code` label.
 pub type Label = [(&'static str, &'static str); 1];
@@ -268,7 +269,16 @@ pub struct FailureLabel {
     pub kind: String,
 }
 
+/// Why a circuit breaker opened: `failures` (bad calls in a row) or
+/// `stall` (time spent on failed batches).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabel {
+    pub plugin: String,
+    pub reason: &'static str,
+}
+
 type Hist = Family<PluginLabel, Histogram, fn() -> Histogram>;
+type Seconds = Counter<f64, AtomicU64>;
 
 /// Per-plugin metrics.
 pub struct FilterMetrics {
@@ -281,6 +291,8 @@ pub struct FilterMetrics {
     pub failures: Family<FailureLabel, Counter>,
     pub batch_ms: Hist,
     pub breaker_open: Family<PluginLabel, Gauge>,
+    pub breaker_opens: Family<BreakerLabel, Counter>,
+    pub stall_seconds: Family<PluginLabel, Seconds>,
     pub reloads: Family<Label, Counter>,
     pub chain_plugins: Gauge,
 }
@@ -301,22 +313,29 @@ impl Default for FilterMetrics {
             failures: Family::default(),
             batch_ms: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
             breaker_open: Family::default(),
+            breaker_opens: Family::default(),
+            stall_seconds: Family::default(),
             reloads: Family::default(),
             chain_plugins: Gauge::default(),
         }
     }
 }
 
-pub(crate) type PluginHandles = (
-    Counter,
-    Counter,
-    Counter,
-    Counter,
-    Counter,
-    Counter,
-    Histogram,
-    Gauge,
-);
+/// One plugin's series, looked up once when it loads so that a batch
+/// touches no map.
+pub(crate) struct PluginHandles {
+    pub calls: Counter,
+    pub records_in: Counter,
+    pub passed: Counter,
+    pub dropped: Counter,
+    pub replaced: Counter,
+    pub by_policy: Counter,
+    pub batch_ms: Histogram,
+    pub breaker_open: Gauge,
+    pub opened_on_failures: Counter,
+    pub opened_on_stall: Counter,
+    pub stall_seconds: Seconds,
+}
 
 impl FilterMetrics {
     pub fn register(&self, r: &mut Registry) {
@@ -366,6 +385,16 @@ impl FilterMetrics {
             self.breaker_open.clone(),
         );
         r.register(
+            "livecast_filter_breaker_opens",
+            "Times a plugin was switched off by its circuit breaker, by reason (failures, stall)",
+            self.breaker_opens.clone(),
+        );
+        r.register(
+            "livecast_filter_stall_seconds",
+            "Time the record path spent on batches in which the plugin failed: the failed call, fresh instances and isolation",
+            self.stall_seconds.clone(),
+        );
+        r.register(
             "livecast_filter_reloads",
             "Chain reloads, by result",
             self.reloads.clone(),
@@ -381,16 +410,25 @@ impl FilterMetrics {
         let l = PluginLabel {
             plugin: plugin.to_owned(),
         };
-        (
-            self.calls.get_or_create_owned(&l),
-            self.records_in.get_or_create_owned(&l),
-            self.passed.get_or_create_owned(&l),
-            self.dropped.get_or_create_owned(&l),
-            self.replaced.get_or_create_owned(&l),
-            self.by_policy.get_or_create_owned(&l),
-            self.batch_ms.get_or_create_owned(&l),
-            self.breaker_open.get_or_create_owned(&l),
-        )
+        let opens = |reason| {
+            self.breaker_opens.get_or_create_owned(&BreakerLabel {
+                plugin: plugin.to_owned(),
+                reason,
+            })
+        };
+        PluginHandles {
+            calls: self.calls.get_or_create_owned(&l),
+            records_in: self.records_in.get_or_create_owned(&l),
+            passed: self.passed.get_or_create_owned(&l),
+            dropped: self.dropped.get_or_create_owned(&l),
+            replaced: self.replaced.get_or_create_owned(&l),
+            by_policy: self.by_policy.get_or_create_owned(&l),
+            batch_ms: self.batch_ms.get_or_create_owned(&l),
+            breaker_open: self.breaker_open.get_or_create_owned(&l),
+            opened_on_failures: opens("failures"),
+            opened_on_stall: opens("stall"),
+            stall_seconds: self.stall_seconds.get_or_create_owned(&l),
+        }
     }
 
     pub(crate) fn failure(&self, plugin: &str, kind: &str) {
@@ -411,6 +449,37 @@ impl FilterMetrics {
                 kind: kind.to_owned(),
             })
             .map_or(0, |c| c.get())
+    }
+
+    /// `livecast_filter_breaker_opens_total{plugin, reason}`, for tests.
+    #[cfg(feature = "test-util")]
+    pub fn opens_of(&self, plugin: &str, reason: &'static str) -> u64 {
+        self.breaker_opens
+            .get(&BreakerLabel {
+                plugin: plugin.to_owned(),
+                reason,
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    /// Whether the plugin's breaker is open (or half-open), for tests.
+    #[cfg(feature = "test-util")]
+    pub fn breaker_is_open(&self, plugin: &str) -> bool {
+        self.breaker_open
+            .get(&PluginLabel {
+                plugin: plugin.to_owned(),
+            })
+            .is_some_and(|g| g.get() != 0)
+    }
+
+    /// `livecast_filter_stall_seconds_total{plugin}`, for tests.
+    #[cfg(feature = "test-util")]
+    pub fn stall_seconds_of(&self, plugin: &str) -> f64 {
+        self.stall_seconds
+            .get(&PluginLabel {
+                plugin: plugin.to_owned(),
+            })
+            .map_or(0.0, |c| c.get())
     }
 
     /// A per-plugin counter's value, for tests.

@@ -79,13 +79,10 @@ impl Host {
         let db = database(&config)?;
         let metrics = Arc::new(Metrics::new());
         let spec = match &config.live_filter_chain {
-            Some(path) => {
-                ChainSpec::read(path).map_err(|e| anyhow::anyhow!("LIVE_FILTER_CHAIN: {e}"))?
-            }
+            Some(path) => ChainSpec::read(path).context("LIVE_FILTER_CHAIN")?,
             None => ChainSpec::default_chain(),
         };
-        let chain = Chain::load(&spec, &metrics.filter)
-            .map_err(|e| anyhow::anyhow!("LIVE_FILTER_CHAIN: {e}"))?;
+        let chain = Chain::load(&spec, &metrics.filter).context("LIVE_FILTER_CHAIN")?;
         tracing::info!(plugins = ?chain.names(), "filter chain loaded");
         let chain_fingerprint = reload::fingerprint(&spec);
         // A few batches of slack between Redis and the record path; past that

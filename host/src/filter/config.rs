@@ -13,13 +13,14 @@
 //! ```
 
 use std::fmt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 /// Where the build put the shipped plugins (`<target>/plugins`).
-#[cfg(feature = "test-util")]
+#[cfg(any(test, feature = "test-util"))]
 pub const PLUGIN_DIR: &str = env!("LIVECAST_PLUGIN_DIR");
 
 /// The shipped pass-through plugin: the chain when `LIVE_FILTER_CHAIN` is unset.
@@ -30,6 +31,8 @@ pub static PASSTHROUGH: &[u8] = include_bytes!(concat!(
 
 /// Default per-call deadline.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest per-call deadline a chain file may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default memory cap per plugin instance.
 pub const DEFAULT_MEMORY_LIMIT: usize = 16 << 20;
 /// Largest memory cap a chain file may ask for.
@@ -79,17 +82,108 @@ pub struct ChainSpec {
     pub max_module_bytes: usize,
 }
 
-/// Why a chain file cannot be used.
-#[derive(Debug)]
-pub struct ChainError(pub String);
+/// Why a chain file cannot be used. Each level says its part (the file, the
+/// entry) and leaves the cause to [`Error::source`](std::error::Error::source):
+/// print it with a reporter that walks the chain (`{:#}` of `anyhow`).
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("filter chain {}: cannot read it", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("filter chain {}: invalid TOML", .path.display())]
+    Toml {
+        path: PathBuf,
+        #[source]
+        source: TomlError,
+    },
+    #[error("filter chain {}: plugin #{index} \"{name}\" ({})", .path.display(), .module.display())]
+    Entry {
+        path: PathBuf,
+        /// 1-based, as an operator counts the `[[plugin]]` tables.
+        index: usize,
+        name: String,
+        module: PathBuf,
+        #[source]
+        source: EntryError,
+    },
+}
 
-impl fmt::Display for ChainError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+/// What is wrong with one `[[plugin]]` entry.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("another plugin has this name; names label metrics and must be unique")]
+    DuplicateName,
+    #[error("memory_limit_bytes must be between 65536 and {MAX_MEMORY_LIMIT}, not {0}")]
+    MemoryLimit(usize),
+    #[error("timeout_ms must be between 1 and {max}, not {0}", max = MAX_TIMEOUT.as_millis())]
+    Timeout(u64),
+    #[error("cannot read the module")]
+    ReadModule(#[source] io::Error),
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
+    #[error("config is not JSON-compatible")]
+    Config(#[source] serde_json::Error),
+}
+
+/// A module over `max_module_bytes`: refused before it is read, and again
+/// before it is compiled (a chain built in code has no file to measure).
+#[derive(Debug, thiserror::Error)]
+#[error("the module is {size} bytes, over max_module_bytes ({max})")]
+pub struct TooLarge {
+    pub size: u64,
+    pub max: usize,
+}
+
+/// A TOML syntax or schema error on one line: what, and where. (The parser's
+/// own `Display` quotes the file over several lines, which a log line should
+/// not carry.)
+#[derive(Debug)]
+pub struct TomlError {
+    /// Boxed: the parser's error is large, and errors travel by value.
+    error: Box<toml::de::Error>,
+    /// 1-based line and column of the error, when the parser knows it.
+    at: Option<(usize, usize)>,
+}
+
+impl TomlError {
+    fn new(error: toml::de::Error, text: &str) -> Self {
+        let at = error.span().and_then(|span| {
+            let before = text.get(..span.start)?;
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            Some((line, column))
+        });
+        Self {
+            error: Box::new(error),
+            at,
+        }
     }
 }
 
-impl std::error::Error for ChainError {}
+impl fmt::Display for TomlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut lines = self
+            .error
+            .message()
+            .lines()
+            .filter(|l| !l.trim().is_empty());
+        if let Some(first) = lines.next() {
+            f.write_str(first.trim())?;
+        }
+        for more in lines {
+            write!(f, "; {}", more.trim())?;
+        }
+        if let Some((line, column)) = self.at {
+            write!(f, " (line {line}, column {column})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for TomlError {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,75 +225,89 @@ impl ChainSpec {
 
     /// Reads a chain file and the modules it names.
     pub fn read(path: &Path) -> Result<ChainSpec, ChainError> {
-        let err = |m: String| ChainError(format!("filter chain {}: {m}", path.display()));
-        let text =
-            std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
-        let file: File =
-            toml::from_str(&text).map_err(|e| err(format!("invalid TOML: {}", e.message())))?;
+        let text = std::fs::read_to_string(path).map_err(|source| ChainError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: File = toml::from_str(&text).map_err(|e| ChainError::Toml {
+            path: path.to_owned(),
+            source: TomlError::new(e, &text),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let max_module_bytes = file.max_module_bytes.unwrap_or(DEFAULT_MAX_MODULE_BYTES);
         let mut plugins = Vec::with_capacity(file.plugins.len());
         for (i, e) in file.plugins.into_iter().enumerate() {
-            let wasm_path = base.join(&e.path);
+            let module = base.join(&e.path);
             let name = e.name.clone().unwrap_or_else(|| {
                 e.path
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_else(|| format!("plugin-{}", i + 1))
             });
-            let entry = |m: String| {
-                err(format!(
-                    "plugin #{} \"{name}\" ({}): {m}",
-                    i + 1,
-                    wasm_path.display()
-                ))
-            };
-            if plugins.iter().any(|p: &PluginSpec| p.name == name) {
-                return Err(entry(
-                    "another plugin has this name; names label metrics and must be unique".into(),
-                ));
+            match entry(e, &name, &module, max_module_bytes, &plugins) {
+                Ok(plugin) => plugins.push(plugin),
+                Err(source) => {
+                    return Err(ChainError::Entry {
+                        path: path.to_owned(),
+                        index: i + 1,
+                        name,
+                        module,
+                        source,
+                    });
+                }
             }
-            let memory_limit = e.memory_limit_bytes.unwrap_or(DEFAULT_MEMORY_LIMIT);
-            if !(64 << 10..=MAX_MEMORY_LIMIT).contains(&memory_limit) {
-                return Err(entry(format!(
-                    "memory_limit_bytes must be between 65536 and {MAX_MEMORY_LIMIT}"
-                )));
-            }
-            let timeout =
-                Duration::from_millis(e.timeout_ms.unwrap_or(DEFAULT_TIMEOUT.as_millis() as u64));
-            if timeout.is_zero() || timeout > Duration::from_secs(10) {
-                return Err(entry("timeout_ms must be between 1 and 10000".into()));
-            }
-            let meta = std::fs::metadata(&wasm_path)
-                .map_err(|e| entry(format!("cannot read the module: {e}")))?;
-            if meta.len() > max_module_bytes as u64 {
-                return Err(entry(format!(
-                    "the module is {} bytes, over max_module_bytes ({max_module_bytes})",
-                    meta.len()
-                )));
-            }
-            let wasm = std::fs::read(&wasm_path)
-                .map_err(|e| entry(format!("cannot read the module: {e}")))?;
-            let config_json = match &e.config {
-                Some(t) => serde_json::to_string(t)
-                    .map_err(|e| entry(format!("config is not JSON-compatible: {e}")))?,
-                None => "{}".to_owned(),
-            };
-            plugins.push(PluginSpec {
-                origin: wasm_path.display().to_string(),
-                name,
-                wasm,
-                config_json,
-                policy: e.policy,
-                timeout,
-                memory_limit,
-            });
         }
         Ok(ChainSpec {
             plugins,
             max_module_bytes,
         })
     }
+}
+
+/// Checks one entry and reads its module.
+fn entry(
+    e: Entry,
+    name: &str,
+    module: &Path,
+    max_module_bytes: usize,
+    before: &[PluginSpec],
+) -> Result<PluginSpec, EntryError> {
+    if before.iter().any(|p| p.name == name) {
+        return Err(EntryError::DuplicateName);
+    }
+    let memory_limit = e.memory_limit_bytes.unwrap_or(DEFAULT_MEMORY_LIMIT);
+    if !(64 << 10..=MAX_MEMORY_LIMIT).contains(&memory_limit) {
+        return Err(EntryError::MemoryLimit(memory_limit));
+    }
+    let timeout_ms = e.timeout_ms.unwrap_or(DEFAULT_TIMEOUT.as_millis() as u64);
+    let timeout = Duration::from_millis(timeout_ms);
+    if timeout.is_zero() || timeout > MAX_TIMEOUT {
+        return Err(EntryError::Timeout(timeout_ms));
+    }
+    let size = std::fs::metadata(module)
+        .map_err(EntryError::ReadModule)?
+        .len();
+    if size > max_module_bytes as u64 {
+        return Err(TooLarge {
+            size,
+            max: max_module_bytes,
+        }
+        .into());
+    }
+    let wasm = std::fs::read(module).map_err(EntryError::ReadModule)?;
+    let config_json = match &e.config {
+        Some(t) => serde_json::to_string(t).map_err(EntryError::Config)?,
+        None => "{}".to_owned(),
+    };
+    Ok(PluginSpec {
+        origin: module.display().to_string(),
+        name: name.to_owned(),
+        wasm,
+        config_json,
+        policy: e.policy,
+        timeout,
+        memory_limit,
+    })
 }
 
 #[cfg(test)]
@@ -246,36 +354,76 @@ keep = ["66"]
     }
 
     #[test]
-    fn errors_name_the_entry() {
+    fn errors_name_the_file_and_the_entry_and_keep_the_cause() {
         let d = tmpdir();
         std::fs::write(d.join("a.wasm"), b"\0asm").unwrap();
+        let file = d.join("c.toml");
+        let (f, dir) = (file.display(), d.display());
         let cases = [
             (
                 "[[plugin]]\npath = \"missing.wasm\"\n",
-                "plugin #1 \"missing\"",
+                format!(
+                    "filter chain {f}: plugin #1 \"missing\" ({dir}/missing.wasm): cannot read the module: No such file or directory (os error 2)"
+                ),
             ),
             (
                 "[[plugin]]\npath = \"a.wasm\"\npolicy = \"maybe\"\n",
-                "invalid TOML",
+                format!(
+                    "filter chain {f}: invalid TOML: unknown variant `maybe`, expected `fail-closed` or `fail-open` (line 3, column 10)"
+                ),
             ),
             (
                 "[[plugin]]\npath = \"a.wasm\"\n[[plugin]]\npath = \"a.wasm\"\n",
-                "plugin #2 \"a\"",
+                format!(
+                    "filter chain {f}: plugin #2 \"a\" ({dir}/a.wasm): another plugin has this name; names label metrics and must be unique"
+                ),
             ),
             (
                 "[[plugin]]\npath = \"a.wasm\"\nmemory_limit_bytes = 1\n",
-                "memory_limit_bytes",
+                format!(
+                    "filter chain {f}: plugin #1 \"a\" ({dir}/a.wasm): memory_limit_bytes must be between 65536 and 268435456, not 1"
+                ),
             ),
             (
-                "[[plugin]]\npath = \"a.wasm\"\ncolour = 1\n",
-                "unknown field",
+                "[[plugin]]\npath = \"a.wasm\"\ntimeout_ms = 10001\n",
+                format!(
+                    "filter chain {f}: plugin #1 \"a\" ({dir}/a.wasm): timeout_ms must be between 1 and 10000, not 10001"
+                ),
+            ),
+            (
+                "max_module_bytes = 2\n[[plugin]]\npath = \"a.wasm\"\n",
+                format!(
+                    "filter chain {f}: plugin #1 \"a\" ({dir}/a.wasm): the module is 4 bytes, over max_module_bytes (2)"
+                ),
             ),
         ];
         for (text, want) in cases {
-            let e = ChainSpec::read(&write(&d, "c.toml", text))
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(want), "{text}: {e}");
+            let e = ChainSpec::read(&write(&d, "c.toml", text)).unwrap_err();
+            assert_eq!(format!("{:#}", anyhow::Error::new(e)), want, "{text}");
         }
+        // The parser's message is kept whole, on one line.
+        let e = ChainSpec::read(&write(
+            &d,
+            "c.toml",
+            "[[plugin]]\npath = \"a.wasm\"\ncolour = 1\n",
+        ))
+        .unwrap_err();
+        let e = format!("{:#}", anyhow::Error::new(e));
+        assert!(
+            e.contains("invalid TOML: unknown field `colour`, expected one of"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("(line 3, column 1)") && !e.contains('\n'),
+            "{e}"
+        );
+        // Causes are sources, not text: an operator's tooling can walk them.
+        let e = ChainSpec::read(&write(&d, "c.toml", "[[plugin]]\npath = \"gone.wasm\"\n"))
+            .unwrap_err();
+        let io = std::error::Error::source(&e)
+            .and_then(std::error::Error::source)
+            .and_then(|e| e.downcast_ref::<io::Error>())
+            .expect("the io::Error, two levels down");
+        assert_eq!(io.kind(), io::ErrorKind::NotFound);
     }
 }

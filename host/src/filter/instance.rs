@@ -1,30 +1,35 @@
 //! One live plugin instance in its sandbox: a store with a memory cap and a
-//! per-call deadline, the guest's input region, and the calls of the ABI.
+//! deadline per call, the guest's input region, and the calls of the ABI.
 //! Every failure is classified (trap, timeout, memory, malformed output) so
 //! that the caller can discard the instance and apply the plugin's policy.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::{Memory, Store, Trap, TypedFunc};
 
 use bytes::Bytes;
 
 use super::abi::{self, AudienceRef, RawVerdict};
-use super::engine::{Compiled, EPOCH_TICK, FilterEngine};
+use super::engine::{BoxError, Compiled, FilterEngine};
 use super::record::{Decided, Record};
 use super::sandbox::Sandbox;
 use crate::record::Position;
 
-/// Why a call failed. The names are metric labels.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a call failed. [`Failure::kind`] names are metric labels.
+#[derive(Debug, thiserror::Error)]
 pub enum Failure {
+    #[error("trapped: {0}")]
     Trap(String),
+    #[error("ran past its deadline")]
     Timeout,
+    #[error("went over its memory limit")]
     Memory,
+    #[error("malformed output: {0}")]
     Malformed(&'static str),
-    /// Instantiation or `init` failed.
-    Init(String),
+    /// A fresh instance for the call could not start.
+    #[error(transparent)]
+    Init(Box<StartError>),
 }
 
 impl Failure {
@@ -39,20 +44,51 @@ impl Failure {
     }
 }
 
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Trap(m) => write!(f, "trapped: {m}"),
-            Failure::Timeout => f.write_str("ran past its deadline"),
-            Failure::Memory => f.write_str("went over its memory limit"),
-            Failure::Malformed(m) => write!(f, "malformed output: {m}"),
-            Failure::Init(m) => write!(f, "{m}"),
-        }
+impl From<StartError> for Failure {
+    fn from(e: StartError) -> Self {
+        Failure::Init(Box::new(e))
+    }
+}
+
+/// Why an instance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot instantiate")]
+    Instantiate(#[source] BoxError),
+    #[error("export missing or mistyped")]
+    Export(#[source] BoxError),
+    #[error("no memory export")]
+    NoMemory,
+    #[error("cannot place the configuration")]
+    Config(#[source] Failure),
+    /// With the last error the plugin logged during `init`.
+    #[error("rejected its configuration: {0}")]
+    Rejected(String),
+    #[error("init failed")]
+    Init(#[source] Failure),
+}
+
+/// How long the next calls into the guest may run: each one at most
+/// `per_call`, and none past `until` (the wall-time budget of the batch
+/// they serve).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub per_call: Duration,
+    pub until: Instant,
+}
+
+impl Deadline {
+    /// What a call armed now may run.
+    fn allowed(&self) -> Duration {
+        self.until
+            .saturating_duration_since(Instant::now())
+            .min(self.per_call)
     }
 }
 
 /// A live instance.
 pub struct Instance {
+    engine: &'static FilterEngine,
     store: Store<Sandbox>,
     memory: Memory,
     reserve: TypedFunc<i32, i32>,
@@ -60,64 +96,62 @@ pub struct Instance {
     deliver: Option<TypedFunc<(i32, i32), i32>>,
     /// The guest's input region: pointer and capacity.
     region: (u32, usize),
-    deadline_ticks: u64,
+    deadline: Deadline,
 }
 
 impl Instance {
-    /// Instantiates the module and runs `init` with the configuration.
+    /// Instantiates the module and runs `init` with the configuration, both
+    /// calls within `deadline`.
     pub fn start(
-        engine: &FilterEngine,
+        engine: &'static FilterEngine,
         compiled: &Compiled,
         plugin: &Arc<str>,
         config_json: &str,
         memory_limit: usize,
-        timeout: Duration,
-    ) -> Result<Instance, Failure> {
+        deadline: Deadline,
+    ) -> Result<Instance, StartError> {
         let sandbox = Sandbox::new(plugin.clone(), memory_limit);
         let mut store = Store::new(engine.engine(), sandbox);
         store.limiter(|s| s);
         store.epoch_deadline_trap();
-        let deadline_ticks = (timeout.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1;
-        store.set_epoch_deadline(deadline_ticks);
+        store.set_epoch_deadline(engine.deadline_ticks(deadline.allowed()));
         let instance = compiled
             .pre
             .instantiate(&mut store)
-            .map_err(|e| Failure::Init(format!("cannot instantiate: {e:#}")))?;
-        let init_failed =
-            |e: wasmtime::Error| Failure::Init(format!("export missing or mistyped: {e:#}"));
+            .map_err(|e| StartError::Instantiate(e.into()))?;
+        let export = |e: wasmtime::Error| StartError::Export(e.into());
         let memory = instance
             .get_memory(&mut store, "memory")
-            .ok_or_else(|| Failure::Init("no memory export".into()))?;
+            .ok_or(StartError::NoMemory)?;
         let reserve = instance
             .get_typed_func(&mut store, "livecast_reserve")
-            .map_err(init_failed)?;
+            .map_err(export)?;
         let init = instance
             .get_typed_func::<(i32, i32), i32>(&mut store, "init")
-            .map_err(init_failed)?;
+            .map_err(export)?;
         let filter = instance
             .get_typed_func(&mut store, "filter_batch")
-            .map_err(init_failed)?;
+            .map_err(export)?;
         let deliver = match compiled.has_deliver {
             true => Some(
                 instance
                     .get_typed_func(&mut store, "deliver_batch")
-                    .map_err(init_failed)?,
+                    .map_err(export)?,
             ),
             false => None,
         };
         let mut inst = Instance {
+            engine,
             store,
             memory,
             reserve,
             filter,
             deliver,
             region: (0, 0),
-            deadline_ticks,
+            deadline,
         };
         let cfg = config_json.as_bytes();
-        let ptr = inst
-            .input(cfg.len())
-            .map_err(|f| Failure::Init(format!("init: {f}")))?;
+        let ptr = inst.input(cfg.len()).map_err(StartError::Config)?;
         inst.memory.data_mut(&mut inst.store)[ptr..ptr + cfg.len()].copy_from_slice(cfg);
         inst.arm();
         match init.call(&mut inst.store, (ptr as i32, cfg.len() as i32)) {
@@ -129,16 +163,22 @@ impl Instance {
                     .last_error
                     .take()
                     .unwrap_or_else(|| "no reason given".into());
-                Err(Failure::Init(format!("rejected its configuration: {why}")))
+                Err(StartError::Rejected(why))
             }
-            Err(e) => Err(Failure::Init(format!("init {}", inst.classify(e)))),
+            Err(e) => Err(StartError::Init(inst.classify(e))),
         }
+    }
+
+    /// The limits of the calls that follow, until set again.
+    pub fn set_deadline(&mut self, deadline: Deadline) {
+        self.deadline = deadline;
     }
 
     /// Before each call: a fresh deadline, and forget a refused memory grow
     /// the guest survived (it must not turn a later failure into `memory`).
     fn arm(&mut self) {
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        let ticks = self.engine.deadline_ticks(self.deadline.allowed());
+        self.store.set_epoch_deadline(ticks);
         self.store.data_mut().memory_denied = false;
     }
 

@@ -79,7 +79,7 @@ pub async fn watch(
             Ok(Err(e)) => {
                 // Report a broken file once per distinct problem, not once
                 // per poll.
-                let e = e.to_string();
+                let e = format!("{:#}", anyhow::Error::new(e));
                 if forced || e != last_error {
                     inc(&metrics.reloads, "result", "error");
                     tracing::error!(error = %e, "filter chain reload failed; keeping the running chain");
@@ -109,6 +109,7 @@ pub async fn watch(
             }
             Ok(Err(e)) => {
                 inc(&metrics.reloads, "result", "error");
+                let e = format!("{:#}", anyhow::Error::new(e));
                 tracing::error!(error = %e, "filter chain reload failed; keeping the running chain");
             }
             Err(_) => inc(&metrics.reloads, "result", "error"),
