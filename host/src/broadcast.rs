@@ -17,6 +17,7 @@
 //! through live) and swaps in a reloaded chain between two pieces of work.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,6 +34,7 @@ use crate::protocol;
 use crate::ratelimit::LogLimiter;
 use crate::record::{Malformed, Position};
 use crate::registry::{Audience, Identity, Registry, Topic, View};
+use crate::snapshot::{CatchUp, Entry, EventSnapshot, View as SnapshotView};
 
 /// One stream entry as read: its id and its `payload` field, if any.
 #[derive(Debug)]
@@ -45,32 +47,40 @@ pub struct StreamEntry {
 pub enum Work {
     /// A batch read from the stream.
     Batch(Vec<StreamEntry>),
-    /// Run the chain over a snapshot.
-    Snapshot(SnapshotJob),
+    /// Build an event's snapshot from its database rows.
+    Snapshot(BuildJob),
+    /// Serve a built snapshot to one subscriber.
+    Serve(ServeJob),
     /// The host is stopping.
     Stop,
 }
 
-/// A snapshot to pass through the chain for one subscriber.
-pub struct SnapshotJob {
-    pub topic: String,
-    pub identity: Arc<Identity>,
+/// An event's snapshot to build: the record stage over its database rows,
+/// merged with the host's latest positions.
+pub struct BuildJob {
+    pub event: uuid::Uuid,
     /// Rows from the database, as stream payloads; not yet filtered.
-    pub from_database: Vec<Bytes>,
-    /// The host's latest positions of the event's devices; already through
-    /// the record stage.
-    pub from_memory: Vec<(Box<str>, Latest)>,
-    pub reply: oneshot::Sender<Vec<SnapshotEntry>>,
+    /// `None`: the query failed, the host's memory alone answers.
+    pub from_database: Option<Vec<Bytes>>,
+    pub reply: oneshot::Sender<EventSnapshot>,
 }
 
-/// One device's snapshot entry.
-#[derive(Debug, Clone)]
-pub struct SnapshotEntry {
-    pub device: Box<str>,
-    pub ts_ms: i64,
-    pub body: Bytes,
-    /// Whether the subscriber must remember its `ts` (see `outbox::Floor`).
-    pub floor: Floor,
+/// A built snapshot to serve to one subscriber, whose outbox holds `topic`.
+pub struct ServeJob {
+    pub snapshot: Arc<EventSnapshot>,
+    pub topic: TopicIdx,
+    pub identity: Arc<Identity>,
+    pub outbox: Arc<Outbox>,
+    pub reply: oneshot::Sender<Served>,
+}
+
+/// What a subscriber was served.
+pub struct Served {
+    /// Its audience's view: the `subscribed` body and the floors.
+    pub view: Arc<SnapshotView>,
+    /// Positions queued behind `subscribed` because the snapshot was older
+    /// than the host's memory.
+    pub caught_up: usize,
 }
 
 /// What the record path needs of the host.
@@ -82,6 +92,8 @@ pub struct Broadcaster {
     pub metrics: Arc<Metrics>,
     /// The device map the latest positions were last pruned against.
     map: Arc<DeviceEvents>,
+    /// Bumped on every chain swap (see `snapshot::Snapshots`).
+    chain_generation: Arc<AtomicU64>,
     /// Larger stream entries are skipped as malformed (`too_large`).
     max_record_bytes: usize,
     malformed_log: LogLimiter,
@@ -209,6 +221,7 @@ impl Broadcaster {
             chain,
             latest,
             map: devices.current(),
+            chain_generation: Arc::default(),
             devices,
             registry,
             metrics,
@@ -220,16 +233,24 @@ impl Broadcaster {
         }
     }
 
+    /// Shares the counter of chain swaps with the snapshots' cache.
+    pub fn with_chain_generation(mut self, generation: Arc<AtomicU64>) -> Self {
+        self.chain_generation = generation;
+        self
+    }
+
     /// Runs until told to stop (or every sender is gone). A reloaded chain
     /// (from `filter::reload`) is swapped in before the next piece of work.
     pub fn run(mut self, mut work: mpsc::Receiver<Work>, mut chains: mpsc::Receiver<Box<Chain>>) {
         while let Some(w) = work.blocking_recv() {
             while let Ok(chain) = chains.try_recv() {
                 self.chain = *chain;
+                self.chain_generation.fetch_add(1, Ordering::AcqRel);
             }
             match w {
                 Work::Batch(batch) => self.process(batch),
                 Work::Snapshot(job) => self.snapshot(job),
+                Work::Serve(job) => self.serve(job),
                 Work::Stop => return,
             }
         }
@@ -417,12 +438,14 @@ impl Broadcaster {
         out.tally(routing).finish(&self.metrics);
     }
 
-    /// Passes a snapshot through the chain: the record stage over database
-    /// rows (memory entries went through it live), the newest of database
-    /// and memory per device, then the delivery stage for the subscriber.
-    fn snapshot(&mut self, job: SnapshotJob) {
-        let mut from_db: Vec<Record> = Vec::with_capacity(job.from_database.len());
-        for payload in job.from_database {
+    /// Builds an event's snapshot: the record stage over database rows
+    /// (memory entries went through it live), then the newest of database
+    /// and memory per device. It reads the latest positions here, between
+    /// two batches, so that every position it finds has been routed too.
+    fn snapshot(&mut self, job: BuildJob) {
+        let from_memory = job.from_database.is_none();
+        let mut from_db: Vec<Record> = Vec::new();
+        for payload in job.from_database.into_iter().flatten() {
             match Position::decode(&payload) {
                 Ok(position) => from_db.push(Record { payload, position }),
                 Err(why) => {
@@ -434,19 +457,21 @@ impl Broadcaster {
             }
         }
         self.chain.filter(&mut from_db);
+        let devices = self.devices.current();
         // Newest per device; a database row newer than anything the host saw
         // on the stream is the one case where the subscriber must remember
         // the entry's ts (a late stream record could be older).
-        let mut newest: FxHashMap<Box<str>, (Latest, Floor)> = job
-            .from_memory
+        let mut newest: FxHashMap<Box<str>, (Option<DeviceIdx>, Latest, Floor)> = self
+            .latest
+            .get_many(devices.devices_of(job.event).iter().map(|d| &**d))
             .into_iter()
-            .map(|(d, l)| (d, (l, Floor::Skip)))
+            .map(|(d, idx, l)| (d.into(), (Some(idx), l, Floor::Skip)))
             .collect();
         for r in from_db {
             let ts = r.position.ts_ms;
             if newest
                 .get(&r.position.device)
-                .is_some_and(|(have, _)| have.ts_ms >= ts)
+                .is_some_and(|(_, have, _)| have.ts_ms >= ts)
             {
                 continue;
             }
@@ -455,45 +480,141 @@ impl Broadcaster {
                 body: r.position.body(),
                 payload: r.payload,
             };
-            newest.insert(r.position.device, (latest, Floor::Keep));
+            newest.insert(r.position.device, (None, latest, Floor::Keep));
         }
-        let mut entries: Vec<(Box<str>, (Latest, Floor))> = newest.into_iter().collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let entries = newest
+            .into_iter()
+            .map(|(device, (idx, l, floor))| Entry {
+                // A device known only from the database gets its index now.
+                idx: idx.unwrap_or_else(|| self.latest.device_idx(&device)),
+                device,
+                ts_ms: l.ts_ms,
+                body: l.body,
+                payload: l.payload,
+                floor,
+            })
+            .collect();
+        let generation = self.chain_generation.load(Ordering::Acquire);
+        let snapshot = EventSnapshot::new(job.event, entries, from_memory, generation);
+        if !self.chain.has_delivery() {
+            // One view for everyone, serialized here once.
+            snapshot.view(None, |s| {
+                let entries: Vec<_> = s
+                    .entries
+                    .iter()
+                    .map(|e| (e.idx, e.ts_ms, e.body.clone(), e.floor))
+                    .collect();
+                SnapshotView::new(&entries)
+            });
+        }
+        let _ = job.reply.send(snapshot);
+    }
 
-        let decided = if self.chain.has_delivery() && !entries.is_empty() {
-            let payloads: Vec<&[u8]> = entries.iter().map(|(_, (l, _))| &l.payload[..]).collect();
+    /// Serves a snapshot to one subscriber: its audience's view (the
+    /// delivery stage runs once per audience and snapshot), and, queued
+    /// into its held topic, the devices whose latest position is newer than
+    /// the snapshot's entry.
+    fn serve(&mut self, job: ServeJob) {
+        let snapshot = &job.snapshot;
+        let delivery = self.chain.has_delivery();
+        let audience = delivery.then_some(&*job.identity);
+        let view = snapshot.view(audience, |s| self.audience_view(s, &job.identity, delivery));
+
+        let devices = self.devices.current();
+        let newer = self.latest.newer_than(
+            devices.devices_of(snapshot.event).iter().map(|d| &**d),
+            |idx| snapshot.ts_of(idx),
+        );
+        let mut todo: Vec<(DeviceIdx, Latest)> = Vec::new();
+        let mut caught_up = 0;
+        for (idx, latest) in newer {
+            match view.made_catch_up(idx, latest.ts_ms) {
+                Some(made) => caught_up += usize::from(self.push_catch_up(&job, idx, made)),
+                None => todo.push((idx, latest)),
+            }
+        }
+        if !todo.is_empty() {
+            let decided = if delivery {
+                let payloads: Vec<&[u8]> = todo.iter().map(|(_, l)| &l.payload[..]).collect();
+                let audience = [AudienceRef {
+                    topic: &snapshot.topic,
+                    role: &job.identity.role,
+                    user_id: &job.identity.user_id,
+                }];
+                let pairs: Vec<(u32, u32)> = (0..todo.len() as u32).map(|i| (i, 0)).collect();
+                self.chain.deliver(&payloads, &audience, &pairs)
+            } else {
+                vec![Decided::Pass; todo.len()]
+            };
+            // Positions of an audience keep a floor, as live ones do (see
+            // `route_per_audience`).
+            let floor = if delivery { Floor::Keep } else { Floor::Skip };
+            for ((idx, latest), d) in todo.into_iter().zip(decided) {
+                let made = match d {
+                    Decided::Drop => None,
+                    Decided::Pass => Some(CatchUp {
+                        ts_ms: latest.ts_ms,
+                        msg: protocol::position(&snapshot.prefix, &latest.body),
+                        floor,
+                    }),
+                    Decided::Replace(r) => Some(CatchUp {
+                        ts_ms: r.position.ts_ms,
+                        msg: protocol::position(&snapshot.prefix, &r.position.body()),
+                        floor: Floor::Keep,
+                    }),
+                };
+                view.remember_catch_up(idx, latest.ts_ms, made.clone());
+                caught_up += usize::from(self.push_catch_up(&job, idx, made));
+            }
+        }
+        let _ = job.reply.send(Served { view, caught_up });
+    }
+
+    /// Queues a catch-up position into the subscriber's held topic; whether
+    /// it was one to send.
+    fn push_catch_up(&self, job: &ServeJob, device: DeviceIdx, made: Option<CatchUp>) -> bool {
+        let Some(c) = made else { return false };
+        let pushed = job
+            .outbox
+            .push_position(job.topic, device, c.ts_ms, &c.msg, c.floor);
+        matches!(pushed, Pushed::Queued { .. } | Pushed::Conflated)
+    }
+
+    /// The view of a snapshot for one audience: the delivery stage over its
+    /// entries (when there is one), serialized once.
+    fn audience_view(
+        &mut self,
+        snapshot: &EventSnapshot,
+        identity: &Identity,
+        delivery: bool,
+    ) -> SnapshotView {
+        let entries = &snapshot.entries;
+        let decided = if delivery && !entries.is_empty() {
+            let payloads: Vec<&[u8]> = entries.iter().map(|e| &e.payload[..]).collect();
             let audience = [AudienceRef {
-                topic: &job.topic,
-                role: &job.identity.role,
-                user_id: &job.identity.user_id,
+                topic: &snapshot.topic,
+                role: &identity.role,
+                user_id: &identity.user_id,
             }];
             let pairs: Vec<(u32, u32)> = (0..entries.len() as u32).map(|i| (i, 0)).collect();
             self.chain.deliver(&payloads, &audience, &pairs)
         } else {
             vec![Decided::Pass; entries.len()]
         };
-        let entries = entries
-            .into_iter()
+        let sent: Vec<(DeviceIdx, i64, Bytes, Floor)> = entries
+            .iter()
             .zip(decided)
-            .filter_map(|((device, (l, floor)), d)| match d {
+            .filter_map(|(e, d)| match d {
                 Decided::Drop => None,
-                Decided::Pass => Some(SnapshotEntry {
-                    device,
-                    ts_ms: l.ts_ms,
-                    body: l.body,
-                    floor,
-                }),
+                Decided::Pass => Some((e.idx, e.ts_ms, e.body.clone(), e.floor)),
                 // Keyed by the device the entry is for: a plugin's
                 // replacement cannot make the host index a name it invents.
-                Decided::Replace(r) => Some(SnapshotEntry {
-                    body: r.position.body(),
-                    ts_ms: r.position.ts_ms,
-                    device,
-                    floor: Floor::Keep,
-                }),
+                Decided::Replace(r) => {
+                    Some((e.idx, r.position.ts_ms, r.position.body(), Floor::Keep))
+                }
             })
             .collect();
-        let _ = job.reply.send(entries);
+        SnapshotView::new(&sent)
     }
 }
 
@@ -557,6 +678,7 @@ mod tests {
     use super::*;
     use crate::devices::DeviceEvents;
     use crate::metrics::Metrics as M;
+    use crate::ws::OutFrame;
 
     /// A record path with no plugin, and devices `a` in events 1 and 2, `b`
     /// in event 2, `c` in none.
@@ -745,6 +867,82 @@ mod tests {
         assert_eq!(M::count(m, "reason", "no_payload"), 1);
         assert_eq!(M::count(m, "reason", "json"), 1);
         assert_eq!(M::count(m, "reason", "too_large"), 1);
+    }
+
+    impl World {
+        /// A snapshot of `event` built now from these database rows.
+        fn build(&mut self, event: Uuid, rows: &[(&str, i64)]) -> Arc<EventSnapshot> {
+            let (reply, mut answer) = oneshot::channel();
+            self.b.snapshot(BuildJob {
+                event,
+                from_database: Some(rows.iter().map(|(d, ts)| payload(d, *ts).into()).collect()),
+                reply,
+            });
+            Arc::new(answer.try_recv().expect("built at once"))
+        }
+
+        /// Serves `snapshot` to a subscriber holding its topic.
+        fn serve(&mut self, snapshot: &Arc<EventSnapshot>, outbox: &Arc<Outbox>) -> Served {
+            let topic = self.registry.topic_idx(snapshot.event);
+            let (reply, mut answer) = oneshot::channel();
+            self.b.serve(ServeJob {
+                snapshot: snapshot.clone(),
+                topic,
+                identity: Arc::new(Identity::default()),
+                outbox: outbox.clone(),
+                reply,
+            });
+            answer.try_recv().expect("served at once")
+        }
+    }
+
+    #[test]
+    fn a_shared_snapshot_is_caught_up_to_what_arrived_after_it_was_built() {
+        let mut w = world();
+        let e = w.events[1];
+        w.batch(&[("a", 10)]);
+        // Built from a row of b newer than the stream, and a's latest.
+        let snapshot = w.build(e, &[("a", 5), ("b", 20)]);
+        let ts: Vec<(i64, Floor)> = snapshot
+            .entries
+            .iter()
+            .map(|e| (e.ts_ms, e.floor))
+            .collect();
+        assert_eq!(ts, [(10, Floor::Skip), (20, Floor::Keep)]);
+        // Then a moves; later a subscriber registers and is served the
+        // same snapshot.
+        w.batch(&[("a", 11)]);
+        let o = w.subscriber(1, &[]);
+        let topic = w.registry.topic_idx(e);
+        o.hold(topic);
+        w.registry
+            .subscribe(e, 1, &Arc::new(Identity::default()), &o);
+        let served = w.serve(&snapshot, &o);
+        assert_eq!(
+            served.caught_up, 1,
+            "a@11 reached the host after the snapshot"
+        );
+        // A live position pushed meanwhile is not sent twice; b's floor
+        // holds against an older one.
+        w.batch(&[("a", 12), ("b", 15)]);
+        let reply = OutFrame::text_parts(
+            protocol::subscribed_head("t", None),
+            served.view.body.clone(),
+        );
+        o.release(topic, &served.view.covered, reply);
+        let got: Vec<(String, i64)> = sent(&o).into_iter().map(|(_, d, ts)| (d, ts)).collect();
+        assert_eq!(
+            got,
+            [(String::new(), 0), ("a".into(), 12)],
+            "subscribed, then a@12 only"
+        );
+        // A second subscriber gets the same view and the same catch-up
+        // message, not copies.
+        let o2 = w.subscriber(2, &[]);
+        o2.hold(topic);
+        let again = w.serve(&snapshot, &o2);
+        assert!(Arc::ptr_eq(&served.view, &again.view));
+        assert_eq!(again.caught_up, 1, "a@12 now");
     }
 
     #[test]

@@ -140,6 +140,11 @@ pub struct Config {
     #[arg(long, env = "LIVE_SNAPSHOT_TIMEOUT_MS", default_value_t = 3_000, value_parser = positive_ms)]
     pub live_snapshot_timeout_ms: u64,
 
+    /// How long a built snapshot is shared with later subscribers of the
+    /// same event (0: only with those that arrive while it is being built).
+    #[arg(long, env = "LIVE_SNAPSHOT_SHARE_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(..=10_000))]
+    pub live_snapshot_share_ms: u64,
+
     /// Filter chain file (TOML); unset: the shipped pass-through plugin alone.
     #[arg(long, env = "LIVE_FILTER_CHAIN")]
     pub live_filter_chain: Option<PathBuf>,
@@ -226,6 +231,9 @@ impl Config {
     }
     pub fn snapshot_timeout(&self) -> Duration {
         Duration::from_millis(self.live_snapshot_timeout_ms)
+    }
+    pub fn snapshot_share(&self) -> Duration {
+        Duration::from_millis(self.live_snapshot_share_ms)
     }
 
     /// A configuration for tests and the demo: every default, with the three

@@ -25,7 +25,8 @@ use crate::metrics::{Counted, inc};
 use crate::outbox::{Flushed, Outbox};
 use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
 use crate::registry::Identity;
-use crate::snapshot;
+use crate::snapshot::EventSnapshot;
+use crate::snapshots::{self, Source, Sources};
 use crate::state::Shared;
 use crate::ws::{Incoming, OutFrame, ReadError, WebSocket};
 
@@ -433,8 +434,9 @@ impl Drop for Conn {
     }
 }
 
-/// Authorize, register, snapshot, release: in this order, so that no live
-/// position is lost between the snapshot and the stream (see `outbox`).
+/// Authorize, register, snapshot, catch up, release: in this order, so that
+/// no live position is lost between the snapshot and the stream, and none is
+/// sent twice (see `outbox` and `snapshot`).
 async fn subscribe(
     shared: Arc<Shared>,
     credential: Arc<Credential>,
@@ -497,27 +499,36 @@ async fn subscribe(
     {
         m.subscriptions.inc();
     }
-    let devices = shared.devices.current();
-    let sources = snapshot::Sources {
-        db: &shared.db,
+    // Registered first: whatever the snapshot lacks from here on is pushed
+    // into the held topic, and `serve` adds what it lacks from before.
+    let sources = Sources {
+        db: shared.db.clone(),
         timeout: shared.config.snapshot_timeout(),
-        devices: &devices,
-        latest: &shared.latest,
-        work: &shared.work,
-        metrics: m,
+        work: shared.work.clone(),
+        metrics: shared.metrics.clone(),
     };
-    let snap = snapshot::build(req.event, &topic, &identity, sources).await;
-    let floors: Vec<_> = snap
-        .entries
-        .iter()
-        .map(|e| (e.device, e.ts_ms, e.floor))
-        .collect();
-    let msg = protocol::subscribed(
-        &topic,
-        req.id.as_deref(),
-        snap.entries.iter().map(|e| &e.body[..]),
+    let event = req.event;
+    let build = move || snapshots::build(event, sources);
+    let (snap, source) = shared
+        .snapshots
+        .get(req.event, &shared.connections, &shared.shutdown, build)
+        .await
+        // Stopped mid-build: the host is shutting down.
+        .unwrap_or_else(|| (Arc::new(EventSnapshot::empty(req.event)), Source::Query));
+    inc(&m.snapshots_served, "source", source.label());
+    if snap.from_memory {
+        m.snapshot_failures.inc();
+    }
+    let served = snapshots::serve(snap, idx, &identity, &outbox, &shared.work).await;
+    m.snapshot_size.observe(served.view.len() as f64);
+    m.snapshot_catch_up.inc_by(served.caught_up as u64);
+    // The client's own head, then the body shared by its audience: one
+    // frame, no copy.
+    let reply = OutFrame::text_parts(
+        protocol::subscribed_head(&topic, req.id.as_deref()),
+        served.view.body.clone(),
     );
-    let shed = outbox.release(idx, &floors, msg);
+    let shed = outbox.release(idx, &served.view.covered, reply);
     m.conflated.inc_by(shed as u64);
     Done::Added(req.event)
 }

@@ -136,6 +136,26 @@ impl LatestPositions {
             .intern(device)
     }
 
+    /// The latest position of each listed device that is newer than what
+    /// `have` says a snapshot holds for it (`None`: nothing).
+    pub fn newer_than<'a>(
+        &self,
+        devices: impl Iterator<Item = &'a str>,
+        have: impl Fn(DeviceIdx) -> Option<i64>,
+    ) -> Vec<(DeviceIdx, Latest)> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        devices
+            .filter_map(|d| {
+                let &idx = inner.index.get(d)?;
+                let l = inner.latest[idx as usize].as_ref()?;
+                match have(idx) {
+                    Some(ts) if ts >= l.ts_ms => None,
+                    _ => Some((idx, l.clone())),
+                }
+            })
+            .collect()
+    }
+
     /// The latest position of each listed device that has one.
     pub fn get_many<'a>(
         &self,
@@ -191,6 +211,31 @@ mod tests {
         assert_eq!((got[0].2.ts_ms, &got[0].2.body[..]), (10, &b"a"[..]));
         assert_eq!(l.device_idx("d3"), 2);
         assert_eq!(l.device_idx("d1"), 0);
+    }
+
+    #[test]
+    fn newer_than_lists_what_a_snapshot_lacks() {
+        let l = LatestPositions::default();
+        let p = Bytes::from_static(b"p");
+        let mut out = Vec::new();
+        l.observe(
+            [("d1", 10, &p, &p), ("d2", 20, &p, &p), ("d3", 30, &p, &p)].into_iter(),
+            &map(&["d1", "d2", "d3"]),
+            &mut out,
+        );
+        // The snapshot has d1 at 10 (same), d2 at 15 (older), d3 not at all;
+        // d4 has no position.
+        let have = |idx: DeviceIdx| match idx {
+            0 => Some(10),
+            1 => Some(15),
+            _ => None,
+        };
+        let got: Vec<(DeviceIdx, i64)> = l
+            .newer_than(["d1", "d2", "d3", "d4"].into_iter(), have)
+            .into_iter()
+            .map(|(i, l)| (i, l.ts_ms))
+            .collect();
+        assert_eq!(got, [(1, 20), (2, 30)]);
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //!
 //! One client's way: `server` (upgrade) → `auth` (Origin, Directus
 //! `/users/me`) → `connection` → `protocol` (strict frames) → `directus`
-//! (authorize the event) → `registry` → `snapshot` → `outbox`.
+//! (authorize the event) → `registry` → `snapshots` (one per event) →
+//! `outbox`.
 
 #![forbid(unsafe_code)]
 
@@ -43,6 +44,7 @@ mod record;
 mod registry;
 mod server;
 mod snapshot;
+mod snapshots;
 mod state;
 mod ws;
 

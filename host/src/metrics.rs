@@ -49,6 +49,9 @@ pub struct Metrics {
     pub snapshot_size: Histogram,
     pub snapshot_failures: Counter,
     pub snapshot_bad_rows: Counter,
+    pub snapshot_queries: Counter,
+    pub snapshots_served: CounterFamily,
+    pub snapshot_catch_up: Counter,
 
     pub device_map_refreshes: CounterFamily,
     pub device_map_devices: Gauge,
@@ -201,6 +204,21 @@ impl Metrics {
             snapshot_failures: reg!(
                 "livecast_snapshot_failures",
                 "Snapshots served from memory because the database failed",
+                Counter::default()
+            ),
+            snapshot_queries: reg!(
+                "livecast_snapshot_queries",
+                "Snapshot queries sent to the database (one per event for all the subscribes that share it)",
+                Counter::default()
+            ),
+            snapshots_served: reg!(
+                "livecast_snapshots_served",
+                "Snapshots served, by source (query: the subscribe ran it; flight: joined one in progress; cache: built within LIVE_SNAPSHOT_SHARE_MS)",
+                CounterFamily::default()
+            ),
+            snapshot_catch_up: reg!(
+                "livecast_snapshot_catch_up",
+                "Positions sent right after subscribed because the shared snapshot was older than the host's memory",
                 Counter::default()
             ),
             device_map_refreshes: reg!(

@@ -48,6 +48,10 @@ fn topic_of(key: u64) -> TopicIdx {
     (key >> 32) as TopicIdx
 }
 
+fn device_of(key: u64) -> DeviceIdx {
+    key as DeviceIdx
+}
+
 /// Below these capacities an idle connection keeps its buffers; above, an
 /// emptied one gives the memory back (a burst must not cost an idle client
 /// forever).
@@ -79,6 +83,11 @@ struct Inner {
     /// enough: `ts` of the newest position the client has. Positions at or
     /// below it are stale. Most connections keep none (see `Floor`).
     floors: FxHashMap<u64, i64>,
+    /// Floors a snapshot asked for, per topic, shared with every subscriber
+    /// served the same snapshot: after a restart every entry of a snapshot
+    /// comes from the database and keeps a floor, and a copy per subscriber
+    /// of a 500-device event was most of a connection's memory.
+    shared_floors: Vec<(TopicIdx, Arc<Covered>)>,
     /// Positions ready to send, in arrival order (per key, increasing `ts`).
     queue: VecDeque<Pending>,
     /// Sequence number of `queue[0]`; an entry's is its index plus this.
@@ -141,6 +150,31 @@ struct Wire {
     stalled_since: Option<Instant>,
 }
 
+/// What a snapshot gave a subscriber of a topic, for [`Outbox::release`]:
+/// built once per snapshot (and audience) and shared by every subscriber
+/// it is sent to.
+#[derive(Debug, Default)]
+pub struct Covered {
+    /// `(device, ts)` of every entry: held positions not newer are dropped.
+    pub entries: Vec<(DeviceIdx, i64)>,
+    /// The entries whose `ts` the subscriber must remember
+    /// ([`Floor::Keep`]).
+    pub keep: FxHashMap<DeviceIdx, i64>,
+}
+
+impl Covered {
+    pub fn new(entries: impl IntoIterator<Item = (DeviceIdx, i64, Floor)>) -> Self {
+        let mut c = Covered::default();
+        for (device, ts, floor) in entries {
+            c.entries.push((device, ts));
+            if floor == Floor::Keep {
+                c.keep.insert(device, ts);
+            }
+        }
+        c
+    }
+}
+
 impl Inner {
     /// Whether the task will write without being woken: something is
     /// queued for it, it waits for its socket, or its tick is due.
@@ -151,11 +185,25 @@ impl Inner {
             || self.cool_until.is_some()
     }
 
+    /// The `ts` at or below which positions of key `k` are stale, if any.
+    fn floor(&self, k: u64) -> Option<i64> {
+        let own = self.floors.get(&k).copied();
+        if self.shared_floors.is_empty() {
+            return own;
+        }
+        let topic = topic_of(k);
+        let shared = self
+            .shared_floors
+            .iter()
+            .find(|(t, _)| *t == topic)
+            .and_then(|(_, c)| c.keep.get(&device_of(k)).copied());
+        own.max(shared)
+    }
+
     /// Whether a position at `ts` is not newer than what the client has or
     /// will get for key `k`.
     fn stale(&self, k: u64, ts: i64) -> bool {
-        self.floors.get(&k).is_some_and(|f| ts <= *f)
-            || self.newest.get(&k).is_some_and(|(_, n)| ts <= *n)
+        self.floor(k).is_some_and(|f| ts <= f) || self.newest.get(&k).is_some_and(|(_, n)| ts <= *n)
     }
 
     /// Appends a position to the queue (conflating it in place when the
@@ -372,7 +420,7 @@ impl Outbox {
             floor,
         };
         if inner.held.contains(&topic) {
-            if inner.floors.get(&k).is_some_and(|f| ts <= *f) {
+            if inner.floor(k).is_some_and(|f| ts <= f) {
                 return Pushed::Stale;
             }
             return match inner.held_slots.get_mut(&k) {
@@ -460,33 +508,35 @@ impl Outbox {
 
     /// Ends a hold: queues `subscribed` (with its snapshot), drops held
     /// positions the snapshot already covers, keeps the floors the snapshot
-    /// asks for, and queues the rest.
-    pub fn release(
-        &self,
-        topic: TopicIdx,
-        snapshot: &[(DeviceIdx, i64, Floor)],
-        subscribed: Bytes,
-    ) -> usize {
+    /// asks for (by reference: `covered` is shared with every subscriber of
+    /// the same snapshot), and queues the rest.
+    pub fn release(&self, topic: TopicIdx, covered: &Arc<Covered>, subscribed: OutFrame) -> usize {
         let mut inner = self.lock();
         inner.held.retain(|t| *t != topic);
-        for &(device, ts, floor) in snapshot {
+        // A topic subscribed again: the floors of its earlier snapshot stay
+        // the connection's own (a rare case, so copying them is fine).
+        if let Some(at) = inner.shared_floors.iter().position(|(t, _)| *t == topic) {
+            let (_, earlier) = inner.shared_floors.swap_remove(at);
+            for (&device, &ts) in &earlier.keep {
+                let f = inner.floors.entry(key(topic, device)).or_insert(ts);
+                *f = (*f).max(ts);
+            }
+        }
+        if !covered.keep.is_empty() {
+            inner.shared_floors.push((topic, covered.clone()));
+        }
+        for &(device, ts) in &covered.entries {
             let k = key(topic, device);
-            let covered = match inner.floors.get_mut(&k) {
-                Some(f) => {
-                    *f = (*f).max(ts);
-                    *f
-                }
-                None if floor == Floor::Keep => {
-                    inner.floors.insert(k, ts);
-                    ts
-                }
-                None => ts,
-            };
-            if inner.held_slots.get(&k).is_some_and(|p| p.ts <= covered) {
+            let mut upto = ts;
+            if let Some(f) = inner.floors.get_mut(&k) {
+                *f = (*f).max(ts);
+                upto = *f;
+            }
+            if inner.held_slots.get(&k).is_some_and(|p| p.ts <= upto) {
                 inner.held_slots.remove(&k);
             }
         }
-        self.push_control_locked(&mut inner, OutFrame::text(subscribed));
+        self.push_control_locked(&mut inner, subscribed);
         let released: Vec<u64> = inner
             .held_slots
             .keys()
@@ -517,6 +567,7 @@ impl Outbox {
             inner.reindex();
         }
         inner.floors.retain(|k, _| topic_of(*k) != topic);
+        inner.shared_floors.retain(|(t, _)| *t != topic);
         if let Some(msg) = unsubscribed {
             self.push_control_locked(&mut inner, OutFrame::text(msg));
         }
@@ -702,6 +753,12 @@ mod tests {
         }
     }
 
+    /// Ends a hold with a snapshot of these entries.
+    fn release(o: &Outbox, topic: TopicIdx, entries: &[(DeviceIdx, i64, Floor)], msg: Bytes) {
+        let covered = Arc::new(Covered::new(entries.iter().copied()));
+        o.release(topic, &covered, OutFrame::text(msg));
+    }
+
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
     }
@@ -761,7 +818,8 @@ mod tests {
         let o = outbox(64);
         o.hold(1);
         o.push_position(1, 1, 5, &b("d1@5"), Floor::Skip);
-        o.release(
+        release(
+            &o,
             1,
             &[(1, 3, Floor::Skip), (2, 3, Floor::Skip)],
             b("subscribed"),
@@ -840,12 +898,105 @@ mod tests {
             "held positions wait for the snapshot"
         );
         // The snapshot already has d1@100 (read from the latest cache) and d2@40.
-        o.release(
+        release(
+            &o,
             7,
             &[(1, 100, Floor::Skip), (2, 40, Floor::Keep)],
             b("subscribed"),
         );
         assert_eq!(written(&o), ["subscribed", "d2@50"]);
+    }
+
+    #[test]
+    fn the_floors_of_a_snapshot_are_shared_not_copied() {
+        // A snapshot read from the database after a restart: every entry
+        // keeps a floor, for every subscriber it is sent to.
+        let covered = Arc::new(Covered::new((0..500).map(|d| (d, 100, Floor::Keep))));
+        let outboxes: Vec<Outbox> = (0..3).map(|_| outbox(64)).collect();
+        for o in &outboxes {
+            o.hold(2);
+            o.release(2, &covered, OutFrame::text(b("subscribed")));
+            assert_eq!(written(o), ["subscribed"]);
+            assert_eq!(o.floors(), 0, "no copy of the floors");
+        }
+        assert_eq!(Arc::strong_count(&covered), 4);
+        // A late record older than the snapshot is stale for each of them;
+        // a newer one goes out, and the order after it needs no floor.
+        for o in &outboxes {
+            assert_eq!(
+                o.push_position(2, 7, 90, &b("d7@90"), Floor::Skip),
+                Pushed::Stale
+            );
+            assert_eq!(
+                o.push_position(2, 7, 100, &b("d7@100"), Floor::Skip),
+                Pushed::Stale
+            );
+            assert_eq!(
+                o.push_position(2, 7, 110, &b("d7@110"), Floor::Skip),
+                Pushed::Queued { first: true }
+            );
+            assert_eq!(written(o), ["d7@110"]);
+        }
+        // Unsubscribing lets go of them.
+        for o in &outboxes {
+            o.remove_topic(2, None);
+            assert_eq!(
+                o.push_position(2, 7, 50, &b("d7@50"), Floor::Skip),
+                Pushed::Queued { first: true }
+            );
+        }
+        assert_eq!(Arc::strong_count(&covered), 1);
+    }
+
+    #[test]
+    fn a_held_position_older_than_a_shared_floor_is_stale() {
+        let o = outbox(64);
+        let first = Arc::new(Covered::new([(1, 100, Floor::Keep)]));
+        o.hold(3);
+        o.release(3, &first, OutFrame::text(b("subscribed")));
+        assert_eq!(written(&o), ["subscribed"]);
+        // Subscribed again; the new snapshot has an older entry for device
+        // 1 (its database row was marked faulty meanwhile): the floor the
+        // client already has still holds.
+        o.hold(3);
+        assert_eq!(
+            o.push_position(3, 1, 80, &b("d1@80"), Floor::Skip),
+            Pushed::Stale
+        );
+        assert_eq!(
+            o.push_position(3, 2, 80, &b("d2@80"), Floor::Skip),
+            Pushed::Queued { first: false }
+        );
+        let second = Arc::new(Covered::new([(1, 60, Floor::Keep), (2, 90, Floor::Keep)]));
+        o.release(3, &second, OutFrame::text(b("again")));
+        assert_eq!(written(&o), ["again"], "d2@80 is older than its entry");
+        assert_eq!(
+            o.push_position(3, 1, 95, &b("d1@95"), Floor::Skip),
+            Pushed::Stale
+        );
+        assert_eq!(
+            o.push_position(3, 2, 90, &b("d2@90"), Floor::Skip),
+            Pushed::Stale
+        );
+        assert_eq!(
+            Arc::strong_count(&first),
+            1,
+            "folded into the connection's own"
+        );
+    }
+
+    #[test]
+    fn a_two_piece_subscribed_is_written_as_one_frame() {
+        let o = outbox(64);
+        o.hold(1);
+        o.push_position(1, 1, 5, &b("d1@5"), Floor::Skip);
+        let covered = Arc::new(Covered::new([(1, 3, Floor::Skip)]));
+        o.release(
+            1,
+            &covered,
+            OutFrame::text_parts(b("{\"id\":1,"), b("\"s\":[]}")),
+        );
+        assert_eq!(written(&o), ["{\"id\":1,\"s\":[]}", "d1@5"]);
     }
 
     #[test]
@@ -894,7 +1045,8 @@ mod tests {
         o.hold(4);
         assert_eq!(o.push_kept(4, 1, 120, &b("d1@120")), Pushed::Conflated);
         assert!(written(&o).is_empty());
-        o.release(
+        release(
+            &o,
             4,
             &[(1, 120, Floor::Skip), (2, 90, Floor::Skip)],
             b("subscribed"),

@@ -162,17 +162,23 @@ fn open(b: &mut BytesMut, kind: &str, topic: Option<&str>, id: Option<&str>) {
     }
 }
 
-/// `{"type":"subscribed","topic":…,"id":…,"snapshot":[{entry},…]}`, from
-/// position bodies (see [`crate::record::Position::body`]).
-pub fn subscribed<'a>(
-    topic: &str,
-    id: Option<&str>,
-    bodies: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
-) -> Bytes {
-    let size: usize = bodies.clone().map(|b| b.len() + 2).sum();
-    let mut b = BytesMut::with_capacity(96 + topic.len() + size);
+/// The head of a `subscribed` reply, the client's own part:
+/// `{"type":"subscribed","topic":…,"id":…,`. The snapshot body
+/// ([`snapshot_body`]) follows it on the wire, in the same frame.
+pub fn subscribed_head(topic: &str, id: Option<&str>) -> Bytes {
+    let mut b = BytesMut::with_capacity(40 + topic.len() + id.map_or(0, |i| i.len() + 8));
     open(&mut b, "subscribed", Some(topic), id);
-    b.put_slice(b",\"snapshot\":[");
+    b.put_u8(b',');
+    b.freeze()
+}
+
+/// The rest of a `subscribed` reply, `"snapshot":[{entry},…]}`, from
+/// position bodies (see [`crate::record::Position::body`]): written once
+/// per snapshot and audience, shared by every subscriber it is sent to.
+pub fn snapshot_body<'a>(bodies: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Bytes {
+    let size: usize = bodies.clone().map(|b| b.len() + 2).sum();
+    let mut b = BytesMut::with_capacity(16 + size);
+    b.put_slice(b"\"snapshot\":[");
     for (i, body) in bodies.enumerate() {
         if i > 0 {
             b.put_u8(b',');
@@ -301,16 +307,28 @@ mod tests {
             br#""deviceId":"1","lat":1,"lon":2,"ts":3}"#,
             br#""deviceId":"2","lat":1,"lon":2,"ts":3}"#,
         ];
-        let msg = subscribed(&topic, Some("r1"), bodies.iter().copied());
+        let subscribed = |id, body: Bytes| [subscribed_head(&topic, id), body].concat();
+        let msg = subscribed(Some("r1"), snapshot_body(bodies.iter().copied()));
+        assert_eq!(
+            &msg[..],
+            format!(
+                r#"{{"type":"subscribed","topic":"{topic}","id":"r1","snapshot":[{{"deviceId":"1","lat":1,"lon":2,"ts":3}},{{"deviceId":"2","lat":1,"lon":2,"ts":3}}]}}"#
+            )
+            .as_bytes(),
+            "the same bytes as one message, field order kept"
+        );
         let v: serde_json::Value = serde_json::from_slice(&msg).unwrap();
         assert_eq!(v["type"], "subscribed");
         assert_eq!(v["id"], "r1");
         assert_eq!(v["snapshot"][1]["deviceId"], "2");
-        let msg = subscribed(&topic, None, std::iter::empty());
+        let msg = subscribed(None, snapshot_body(std::iter::empty()));
         assert_eq!(
             &msg[..],
             format!(r#"{{"type":"subscribed","topic":"{topic}","snapshot":[]}}"#).as_bytes()
         );
+        let msg = subscribed(Some("a\"b"), snapshot_body(std::iter::empty()));
+        let v: serde_json::Value = serde_json::from_slice(&msg).unwrap();
+        assert_eq!(v["id"], "a\"b", "the id is escaped in the head");
         let msg = position(&position_prefix(event), bodies[0]);
         assert_eq!(
             &msg[..],

@@ -38,6 +38,7 @@ use crate::filter::{Chain, ChainSpec, reload};
 use crate::ids::ConnId;
 use crate::metrics::{Counted, Metrics};
 use crate::outbox::{self, Outbox};
+use crate::snapshots::Snapshots;
 use crate::state::Shared;
 use crate::ws::WebSocket;
 
@@ -102,6 +103,7 @@ impl Host {
             config.authz_timeout(),
         );
         let config_handshakes = config.live_ws_max_handshakes as usize;
+        let snapshots = Arc::new(Snapshots::new(config.snapshot_share()));
         let shared = Arc::new(Shared {
             config,
             directus,
@@ -109,6 +111,7 @@ impl Host {
             registry: Arc::default(),
             latest: Arc::default(),
             devices: Arc::default(),
+            snapshots,
             metrics,
             shutdown: CancellationToken::new(),
             abandon: CancellationToken::new(),
@@ -199,7 +202,8 @@ impl Host {
             shared.registry.clone(),
             shared.metrics.clone(),
             config.live_max_record_bytes as usize,
-        );
+        )
+        .with_chain_generation(shared.snapshots.chain_generation());
         // Reloaded chains: one at a time is plenty (a reload takes seconds).
         let (chains_tx, chains) = mpsc::channel(1);
         let record_path = std::thread::Builder::new()

@@ -17,6 +17,7 @@ use crate::directus::Directus;
 use crate::latest::LatestPositions;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::snapshots::Snapshots;
 
 /// State shared by the listeners, the connections and the background tasks.
 pub struct Shared {
@@ -26,6 +27,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     pub latest: Arc<LatestPositions>,
     pub devices: Arc<DeviceMap>,
+    /// Snapshots being built or shared, per event.
+    pub snapshots: Arc<Snapshots>,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the host starts shutting down.
     pub shutdown: CancellationToken,

@@ -82,7 +82,6 @@ impl OutFrame {
     }
 
     /// A text frame whose payload is `head` followed by `tail`.
-    #[allow(dead_code)] // until the shared snapshot uses it (issue 9)
     pub fn text_parts(head: Bytes, tail: Bytes) -> Self {
         Self::new(TEXT, [head, tail])
     }

@@ -8,7 +8,14 @@
 //! LIVECAST_BENCH_HOST=<binary> cargo bench … -- fanout      # another host
 //! LIVE_WS_FLUSH_INTERVAL_MS=0 cargo bench … -- fanout       # host settings pass through
 //! cargo bench -p livecast-tests --bench load -- smoke        # seconds, correctness only
+//! cargo bench -p livecast-tests --bench load -- storm        # 3,000 subscribes in a second
 //! ```
+//!
+//! Options: `--clients=N` (every scenario), `--spread-ms=N` (the storm's
+//! connections are opened evenly over that time; default 1000),
+//! `--rows=N` (positions in the snapshot database; default 10,000,000,
+//! fewer for a quick check). `LIVECAST_BENCH_HOST=<binary>` runs another
+//! host build (an older commit, another allocator) under the same harness.
 //!
 //! Services: `REDIS_URL` and `POSTGRES_URL` (defaults: the local ones). The
 //! host reads a database `livecast_bench` on that server, created, migrated
@@ -47,8 +54,12 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let which = args.first().map(String::as_str).unwrap_or("standard");
     // `--clients=N`: another client count for the scenarios run.
-    let clients: Option<usize> =
-        std::env::args().find_map(|a| a.strip_prefix("--clients=").and_then(|n| n.parse().ok()));
+    let option = |name: &str| -> Option<u64> {
+        std::env::args().find_map(|a| a.strip_prefix(name).and_then(|n| n.parse().ok()))
+    };
+    let clients = option("--clients=").map(|n| n as usize);
+    let spread = Duration::from_millis(option("--spread-ms=").unwrap_or(1_000));
+    let rows = option("--rows=").map_or(SNAPSHOT_ROWS, |n| n as i64);
     let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let server = std::env::var("POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -86,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
             scenario("slow-base", 1_000, 0, 200, 20),
             scenario("slow-10pct", 1_000, 100, 200, 20),
         ],
-        "snapshot" => vec![],
+        "snapshot" | "storm" => vec![],
         _ => vec![
             scenario("idle", 10_000, 0, 0, 5),
             scenario("fanout", 1_000, 0, 200, 20),
@@ -118,11 +129,15 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", load::table(&reports));
     }
     let bench_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    if which == "snapshot" || which == "standard" {
+    let snapshot_rows = if ["snapshot", "storm", "standard"].contains(&which) {
         load::seed(&db, SNAPSHOT_EVENT..SNAPSHOT_EVENT + 1, SNAPSHOT_DEVICES).await?;
-        eprintln!("positions: making sure there are {SNAPSHOT_ROWS} rows (kept between runs)");
-        let rows =
-            load::ensure_positions(&db, SNAPSHOT_EVENT, SNAPSHOT_DEVICES, SNAPSHOT_ROWS).await?;
+        eprintln!("positions: making sure there are {rows} rows (kept between runs)");
+        load::ensure_positions(&db, SNAPSHOT_EVENT, SNAPSHOT_DEVICES, rows).await?
+    } else {
+        0
+    };
+    if which == "snapshot" || which == "standard" {
+        let rows = snapshot_rows;
         let (mut times, size) =
             load::snapshot_latency(&target, SNAPSHOT_EVENT, SNAPSHOT_DEVICES, 50).await?;
         times.sort_by(f64::total_cmp);
@@ -138,6 +153,24 @@ async fn main() -> anyhow::Result<()> {
             "snapshot",
             &serde_json::json!({"rows": rows, "entries": size, "ms": times}),
         )?;
+        eprintln!("wrote {}", path.display());
+    }
+    if which == "storm" || which == "standard" {
+        // After a deploy: a fresh host (nothing in memory, every entry from
+        // the database), every spectator of the event at once.
+        let storm = load::Storm {
+            clients: clients.unwrap_or(3_000),
+            spread,
+            event: SNAPSHOT_EVENT,
+            devices: SNAPSHOT_DEVICES,
+        };
+        eprintln!(
+            "running storm ({} clients over {:?}, {snapshot_rows} rows)",
+            storm.clients, storm.spread
+        );
+        let r = load::storm(&target, &storm).await?;
+        println!("{}", load::storm_line(&r));
+        let path = load::save(&bench_dir, "storm", &r)?;
         eprintln!("wrote {}", path.display());
     }
     if !reports.is_empty() {

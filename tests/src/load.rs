@@ -215,6 +215,16 @@ impl HostProcess {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
+        // LIVECAST_BENCH_HOST_ENV="K=V K2=V2": for the host process alone
+        // (another allocator by LD_PRELOAD, glibc's MALLOC_ARENA_MAX…).
+        for kv in std::env::var("LIVECAST_BENCH_HOST_ENV")
+            .unwrap_or_default()
+            .split_whitespace()
+        {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
         let mut child = cmd.spawn()?;
         let pid = child
             .id()
@@ -259,15 +269,7 @@ impl HostProcess {
 
     /// Resident memory, KiB.
     pub fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
+        rss_of(self.pid)
     }
 
     /// CPU time used so far (user + system), seconds.
@@ -423,6 +425,16 @@ enum ServerFrame {
 
 impl LeanClient {
     async fn connect(addr: SocketAddr, path: &str, stuck: bool) -> anyhow::Result<Self> {
+        Self::connect_with(addr, path, stuck, 64 * 1024).await
+    }
+
+    /// Connects with a receive buffer of `buf_len` bytes.
+    async fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        stuck: bool,
+        buf_len: usize,
+    ) -> anyhow::Result<Self> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let socket = TcpSocket::new_v4()?;
         if stuck {
@@ -436,7 +448,7 @@ impl LeanClient {
              Cookie: directus_session_token={TOKEN}\r\n\r\n"
         );
         stream.write_all(request.as_bytes()).await?;
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; buf_len];
         let mut n = 0;
         let head_end = loop {
             let r = stream.read(&mut buf[n..]).await?;
@@ -517,6 +529,71 @@ impl LeanClient {
                 self.buf.resize(self.buf.len() * 2, 0);
             }
         }
+        let n = self.stream.read(&mut self.buf[self.filled..]).await?;
+        if n == 0 {
+            anyhow::bail!("closed");
+        }
+        self.filled += n;
+        Ok(())
+    }
+}
+
+impl LeanClient {
+    /// The next frame's opcode and its first `keep` payload bytes at most;
+    /// the rest of the payload is read and dropped, so a client of a storm
+    /// counts 150 KB snapshots without holding one.
+    async fn next_head(&mut self, keep: usize) -> anyhow::Result<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        // The header: at most 10 bytes.
+        let (opcode, len, at) = loop {
+            let b = &self.buf[self.start..self.filled];
+            if b.len() >= 2 {
+                let need = match b[1] & 0x7F {
+                    126 => 4,
+                    127 => 10,
+                    _ => 2,
+                };
+                if b.len() >= need {
+                    let len = match need {
+                        4 => u16::from_be_bytes([b[2], b[3]]) as usize,
+                        10 => u64::from_be_bytes(b[2..10].try_into()?) as usize,
+                        _ => (b[1] & 0x7F) as usize,
+                    };
+                    break (b[0] & 0x0F, len, need);
+                }
+            }
+            self.refill().await?;
+        };
+        self.start += at;
+        let want = keep.min(len);
+        while self.filled - self.start < want {
+            self.refill().await?;
+        }
+        let head = self.buf[self.start..self.start + want].to_vec();
+        let mut skip = len;
+        loop {
+            let n = skip.min(self.filled - self.start);
+            self.start += n;
+            skip -= n;
+            if skip == 0 {
+                return Ok((opcode, head));
+            }
+            self.start = 0;
+            self.filled = 0;
+            let n = self.stream.read(&mut self.buf).await?;
+            if n == 0 {
+                anyhow::bail!("closed");
+            }
+            self.filled = n;
+        }
+    }
+
+    /// Reads more into the buffer, moving what is unparsed to its front.
+    async fn refill(&mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        self.buf.copy_within(self.start..self.filled, 0);
+        self.filled -= self.start;
+        self.start = 0;
         let n = self.stream.read(&mut self.buf[self.filled..]).await?;
         if n == 0 {
             anyhow::bail!("closed");
@@ -786,16 +863,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
         tokio::spawn(async move {
             let mut peak = 0;
             while Instant::now() < until {
-                let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .ok()
-                    .and_then(|s| {
-                        s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                            l.split_whitespace()
-                                .nth(1)
-                                .and_then(|v| v.parse::<u64>().ok())
-                        })
-                    })
-                    .unwrap_or(0);
+                let rss = rss_of(pid);
                 peak = peak.max(rss);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -865,6 +933,239 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
     }
     host.stop().await;
     Ok(r)
+}
+
+/// A reconnect storm, as after a deploy: `clients` connections opened
+/// evenly over `spread`, each subscribing to one event as soon as it is
+/// upgraded.
+#[derive(Debug, Clone, Serialize)]
+pub struct Storm {
+    pub clients: usize,
+    pub spread: Duration,
+    pub event: usize,
+    pub devices: usize,
+}
+
+/// What a storm cost the host.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StormReport {
+    pub clients: usize,
+    pub spread_ms: u64,
+    pub devices: usize,
+    /// Average entries per snapshot served.
+    pub snapshot_entries: usize,
+    /// Snapshot queries the database answered (the latency histogram's
+    /// count, which every host version has), and snapshots served from
+    /// memory because one failed.
+    pub snapshot_queries: u64,
+    pub snapshot_failures: u64,
+    /// Snapshots served by source (hosts with shared snapshots only).
+    pub served_query: u64,
+    pub served_flight: u64,
+    pub served_cache: u64,
+    pub catch_up: u64,
+    /// Upgrades refused (503 while the handshake limit was reached) and
+    /// tried again, as a browser reconnects.
+    pub upgrades_retried: u64,
+    /// From the storm's start until the last client had `subscribed`.
+    pub seconds_until_all_subscribed: f64,
+    /// Per client, from its connect to its `subscribed`.
+    pub subscribe_ms_p50: f64,
+    pub subscribe_ms_p99: f64,
+    pub subscribe_ms_max: f64,
+    pub host_rss_kib_before: u64,
+    pub host_rss_kib_peak: u64,
+    /// A second after the last `subscribed`, every client still connected.
+    pub host_rss_kib_after: u64,
+    pub rss_bytes_per_connection: f64,
+}
+
+/// Runs a storm against a fresh host process.
+pub async fn storm(t: &Target, s: &Storm) -> anyhow::Result<StormReport> {
+    let directus = standin([event_id(s.event)]).await?;
+    let host = HostProcess::start(
+        t,
+        &directus,
+        &[("LIVE_WS_SLOW_CLIENT_TIMEOUT_MS", "600000")],
+    )
+    .await?;
+    let rss_before = host.rss_kib();
+    let addr: SocketAddr = host
+        .ws_url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws-live")
+        .parse()?;
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        connected: AtomicU64::new(0),
+        subscribed: AtomicU64::new(0),
+    });
+    let retried = Arc::new(AtomicU64::new(0));
+    let started = tokio::time::Instant::now() + Duration::from_millis(200);
+    let mut tasks = Vec::with_capacity(s.clients);
+    for i in 0..s.clients {
+        let at = started + s.spread.mul_f64(i as f64 / s.clients as f64);
+        let (shared, retried) = (shared.clone(), retried.clone());
+        let subscribe = format!(
+            r#"{{"type":"subscribe","topic":"event:{}","id":"storm-{i}"}}"#,
+            event_id(s.event)
+        );
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let t0 = Instant::now();
+            let r = storm_client(addr, &subscribe, &shared, &retried, t0).await;
+            if let Err(e) = &r {
+                eprintln!("storm client {i}: {e:#}");
+            }
+            r
+        }));
+    }
+    let peak = {
+        let (pid, shared, n) = (host.pid, shared.clone(), s.clients as u64);
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while shared.subscribed.load(Ordering::Relaxed) < n
+                && !shared.stop.load(Ordering::Relaxed)
+            {
+                peak = peak.max(rss_of(pid));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            peak
+        })
+    };
+    let all_in = tokio::time::timeout(Duration::from_secs(180), async {
+        while (shared.subscribed.load(Ordering::Relaxed) as usize) < s.clients {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let until_all = started.elapsed().as_secs_f64();
+    if all_in.is_err() {
+        shared.stop.store(true, Ordering::Relaxed);
+        anyhow::bail!(
+            "only {} of {} storm clients subscribed",
+            shared.subscribed.load(Ordering::Relaxed),
+            s.clients
+        );
+    }
+    let peak = peak.await.unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after = host.rss_kib();
+    let mut r = StormReport {
+        clients: s.clients,
+        spread_ms: s.spread.as_millis() as u64,
+        devices: s.devices,
+        snapshot_entries: (host.counter("processor_live_snapshot_size_sum").await
+            / host
+                .counter("processor_live_snapshot_size_count")
+                .await
+                .max(1)) as usize,
+        snapshot_queries: host
+            .counter("processor_live_snapshot_query_latency_ms_count")
+            .await,
+        snapshot_failures: host.counter("livecast_snapshot_failures_total").await,
+        served_query: host
+            .counter(r#"livecast_snapshots_served_total{source="query"}"#)
+            .await,
+        served_flight: host
+            .counter(r#"livecast_snapshots_served_total{source="flight"}"#)
+            .await,
+        served_cache: host
+            .counter(r#"livecast_snapshots_served_total{source="cache"}"#)
+            .await,
+        catch_up: host.counter("livecast_snapshot_catch_up_total").await,
+        upgrades_retried: retried.load(Ordering::Relaxed),
+        seconds_until_all_subscribed: until_all,
+        host_rss_kib_before: rss_before,
+        host_rss_kib_peak: peak.max(rss_after),
+        host_rss_kib_after: rss_after,
+        rss_bytes_per_connection: (rss_after.saturating_sub(rss_before) * 1024) as f64
+            / s.clients.max(1) as f64,
+        ..StormReport::default()
+    };
+    shared.stop.store(true, Ordering::Relaxed);
+    // Stopped first: its close frames end the clients that wait on a read.
+    host.stop().await;
+    let mut times = Vec::with_capacity(s.clients);
+    for task in tasks {
+        times.push(task.await??);
+    }
+    times.sort_by(f64::total_cmp);
+    r.subscribe_ms_p50 = percentile(&times, 0.5);
+    r.subscribe_ms_p99 = percentile(&times, 0.99);
+    r.subscribe_ms_max = times.last().copied().unwrap_or(0.0);
+    Ok(r)
+}
+
+/// Resident memory of process `pid`, KiB (0 once it is gone).
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One storm client: connect (again after a refused upgrade), subscribe,
+/// count the snapshot without keeping it, then stay connected, answering
+/// pings, until told to stop. Milliseconds from connect to `subscribed`.
+async fn storm_client(
+    addr: SocketAddr,
+    subscribe: &str,
+    shared: &Shared,
+    retried: &AtomicU64,
+    t0: Instant,
+) -> anyhow::Result<f64> {
+    use tokio::io::AsyncWriteExt;
+    let mut tries = 0;
+    let mut ws = loop {
+        match LeanClient::connect_with(addr, "/ws-live", false, 4096).await {
+            Ok(ws) => break ws,
+            Err(_) if tries < 20 => {
+                tries += 1;
+                retried.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    shared.connected.fetch_add(1, Ordering::Relaxed);
+    ws.send_text(subscribe).await?;
+    loop {
+        let (opcode, head) = ws.next_head(64).await?;
+        match opcode {
+            0x1 if head.starts_with(br#"{"type":"subscribed""#) => break,
+            0x1 if head.starts_with(br#"{"type":"error""#) => {
+                anyhow::bail!("subscribe refused: {}", String::from_utf8_lossy(&head))
+            }
+            0x8 => anyhow::bail!("closed before subscribed"),
+            _ => {}
+        }
+    }
+    let took = t0.elapsed().as_secs_f64() * 1000.0;
+    shared.subscribed.fetch_add(1, Ordering::Relaxed);
+    // Idle, as a spectator's tab; the wait is on the socket, so that a
+    // frame is never cut in the middle by the stop check.
+    while !shared.stop.load(Ordering::Relaxed) {
+        match tokio::time::timeout(Duration::from_millis(100), ws.stream.readable()).await {
+            Ok(Ok(())) => match ws.next_head(125).await {
+                Ok((0x9, payload)) => {
+                    let mut f = vec![0x8A, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+                    f.extend_from_slice(&payload);
+                    ws.stream.write_all(&f).await?;
+                }
+                Ok((0x8, _)) | Err(_) => break,
+                Ok(_) => {}
+            },
+            Ok(Err(_)) => break,
+            Err(_) => {}
+        }
+    }
+    Ok(took)
 }
 
 /// Subscribe round trips (connect once, subscribe and unsubscribe `n` times)
@@ -984,6 +1285,36 @@ pub fn save(dir: &Path, name: &str, value: &impl Serialize) -> anyhow::Result<Pa
     let path = dir.join(format!("{name}-{stamp}.json"));
     std::fs::write(&path, serde_json::to_vec_pretty(value)?)?;
     Ok(path)
+}
+
+/// A storm's report as one line of text.
+pub fn storm_line(r: &StormReport) -> String {
+    format!(
+        "storm: {} clients over {} ms, one event of {} devices ({} entries per snapshot): \
+         {} snapshot queries ({} served from memory), all subscribed after {:.2} s \
+         (connect to subscribed p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {} upgrades retried); \
+         host RSS {} KiB before, {} KiB peak, {} KiB after: {:.0} B per connection; \
+         served query/flight/cache {}/{}/{}, {} catch-up positions",
+        r.clients,
+        r.spread_ms,
+        r.devices,
+        r.snapshot_entries,
+        r.snapshot_queries,
+        r.snapshot_failures,
+        r.seconds_until_all_subscribed,
+        r.subscribe_ms_p50,
+        r.subscribe_ms_p99,
+        r.subscribe_ms_max,
+        r.upgrades_retried,
+        r.host_rss_kib_before,
+        r.host_rss_kib_peak,
+        r.host_rss_kib_after,
+        r.rss_bytes_per_connection,
+        r.served_query,
+        r.served_flight,
+        r.served_cache,
+        r.catch_up
+    )
 }
 
 /// A table of reports, one row each.

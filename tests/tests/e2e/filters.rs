@@ -133,12 +133,16 @@ async fn a_drop_plugin_removes_exactly_its_device_from_every_subscriber_and_the_
         .await;
     env.insert_position(B, now_ms() - 60_000, 1.0, 1.0, false)
         .await;
-    let host = env
-        .start_host_with_chain(&entry(
-            "drop-device",
-            &format!("[plugin.config]\ndevice_id = \"{B}\""),
-        ))
-        .await;
+    let mut config = env.config();
+    config.live_filter_chain = Some(env.chain_file(&entry(
+        "drop-device",
+        &format!("[plugin.config]\ndevice_id = \"{B}\""),
+    )));
+    // Each subscribe builds its own snapshot, so the count below does not
+    // depend on how fast the second one follows the first (a shared one
+    // runs the chain over the rows once: tests/e2e/shared_snapshot.rs).
+    config.live_snapshot_share_ms = 0;
+    let host = env.start_host_with(config).await;
     let (mut c1, sub) = subscribed(&host, "u1", event).await;
     let (mut c2, _) = subscribed(&host, "u2", event).await;
     assert_eq!(

@@ -60,6 +60,9 @@ async fn postgres_going_away_serves_snapshots_from_memory() {
     let mut config = env.config();
     config.postgres_url = via(&env.postgres_url, proxy.addr);
     config.live_snapshot_timeout_ms = 1_000;
+    // Every subscribe asks the database: a snapshot shared from before the
+    // outage would not show what the host serves during it.
+    config.live_snapshot_share_ms = 0;
     let host = env.start_host_with(config).await;
     let mut c = host.connect(&cookie("u")).await;
     c.subscribe(event, "s").await;
@@ -117,6 +120,8 @@ async fn a_pooled_connection_that_died_silently_does_not_stall_a_snapshot() {
     config.postgres_url = via(&env.postgres_url, proxy.addr);
     // Only the snapshots use the pool meanwhile.
     config.live_device_event_refresh_ms = 600_000;
+    // The second subscribe must ask the database, not share the first's.
+    config.live_snapshot_share_ms = 0;
     let host = env.start_host_with(config).await;
     let mut c = host.connect(&cookie("u")).await;
     assert_eq!(c.subscribe(event, "s1").await["snapshot"][0]["ts"], ts);
