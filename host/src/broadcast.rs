@@ -34,6 +34,7 @@ use crate::protocol;
 use crate::ratelimit::LogLimiter;
 use crate::record::{Malformed, Position};
 use crate::registry::{Audience, Identity, Registry, Topic, View};
+use crate::resume::{self, Coverage, Full, Known};
 use crate::snapshot::{CatchUp, Entry, EventSnapshot, View as SnapshotView};
 
 /// One stream entry as read: its id and its `payload` field, if any.
@@ -51,6 +52,8 @@ pub enum Work {
     Snapshot(BuildJob),
     /// Serve a built snapshot to one subscriber.
     Serve(ServeJob),
+    /// Answer a resume from memory, if memory can.
+    Delta(DeltaJob),
     /// The host is stopping.
     Stop,
 }
@@ -74,6 +77,14 @@ pub struct ServeJob {
     pub reply: oneshot::Sender<Served>,
 }
 
+/// A resume (`since`) of one subscriber, registered and holding its topic.
+pub struct DeltaJob {
+    pub event: uuid::Uuid,
+    pub since: i64,
+    pub identity: Arc<Identity>,
+    pub reply: oneshot::Sender<Result<Served, Full>>,
+}
+
 /// What a subscriber was served.
 pub struct Served {
     /// Its audience's view: the `subscribed` body and the floors.
@@ -94,6 +105,10 @@ pub struct Broadcaster {
     map: Arc<DeviceEvents>,
     /// Bumped on every chain swap (see `snapshot::Snapshots`).
     chain_generation: Arc<AtomicU64>,
+    /// When the chain in use was swapped in (Unix ms; 0: at start).
+    chain_since_ms: i64,
+    coverage: Arc<Coverage>,
+    resume_slack_ms: i64,
     /// Larger stream entries are skipped as malformed (`too_large`).
     max_record_bytes: usize,
     malformed_log: LogLimiter,
@@ -222,6 +237,9 @@ impl Broadcaster {
             latest,
             map: devices.current(),
             chain_generation: Arc::default(),
+            chain_since_ms: 0,
+            coverage: Arc::default(),
+            resume_slack_ms: 5_000,
             devices,
             registry,
             metrics,
@@ -239,6 +257,14 @@ impl Broadcaster {
         self
     }
 
+    /// Shares the consumer's record of unbroken reading, for resumes with
+    /// `LIVE_RESUME_SLACK_MS` of `slack`.
+    pub fn with_resume(mut self, coverage: Arc<Coverage>, slack: Duration) -> Self {
+        self.coverage = coverage;
+        self.resume_slack_ms = i64::try_from(slack.as_millis()).unwrap_or(i64::MAX);
+        self
+    }
+
     /// Runs until told to stop (or every sender is gone). A reloaded chain
     /// (from `filter::reload`) is swapped in before the next piece of work.
     pub fn run(mut self, mut work: mpsc::Receiver<Work>, mut chains: mpsc::Receiver<Box<Chain>>) {
@@ -246,11 +272,13 @@ impl Broadcaster {
             while let Ok(chain) = chains.try_recv() {
                 self.chain = *chain;
                 self.chain_generation.fetch_add(1, Ordering::AcqRel);
+                self.chain_since_ms = resume::unix_ms();
             }
             match w {
                 Work::Batch(batch) => self.process(batch),
                 Work::Snapshot(job) => self.snapshot(job),
                 Work::Serve(job) => self.serve(job),
+                Work::Delta(job) => self.delta(job),
                 Work::Stop => return,
             }
         }
@@ -285,6 +313,7 @@ impl Broadcaster {
                 .zip(&bodies)
                 .map(|(r, b)| (&*r.position.device, r.position.ts_ms, b, &r.payload)),
             &devices,
+            resume::unix_ms(),
             &mut observed,
         );
 
@@ -479,6 +508,8 @@ impl Broadcaster {
                 ts_ms: ts,
                 body: r.position.body(),
                 payload: r.payload,
+                // Never reached the host's memory.
+                arrived_ms: 0,
             };
             newest.insert(r.position.device, (None, latest, Floor::Keep));
         }
@@ -568,6 +599,50 @@ impl Broadcaster {
             }
         }
         let _ = job.reply.send(Served { view, caught_up });
+    }
+
+    /// Answers a resume from memory: the devices of the event a client
+    /// holding positions up to `since` may lack, through the delivery stage
+    /// for its audience. Built and served in one step between two batches,
+    /// so nothing needs catching up: every position routed from here on is
+    /// pushed into the held topic after it, and checked against its floors.
+    fn delta(&mut self, job: DeltaJob) {
+        let devices = self.devices.current();
+        let known = Known {
+            now_ms: resume::unix_ms(),
+            covered_from_ms: self.coverage.began_ms(),
+            devices_since_ms: devices.unchanged_since(job.event),
+            chain_since_ms: self.chain_since_ms,
+            slack_ms: self.resume_slack_ms,
+        };
+        if let Err(full) = resume::delta_allowed(job.since, known) {
+            let _ = job.reply.send(Err(full));
+            return;
+        }
+        let entries = self
+            .latest
+            .get_many(devices.devices_of(job.event).iter().map(|d| &**d))
+            .into_iter()
+            .filter(|(_, _, l)| {
+                resume::listed(job.since, self.resume_slack_ms, l.ts_ms, l.arrived_ms)
+            })
+            .map(|(device, idx, l)| Entry {
+                device: device.into(),
+                idx,
+                ts_ms: l.ts_ms,
+                body: l.body,
+                payload: l.payload,
+                floor: Floor::Skip,
+            })
+            .collect();
+        let generation = self.chain_generation.load(Ordering::Acquire);
+        let delta = EventSnapshot::new(job.event, entries, false, generation);
+        let delivery = self.chain.has_delivery();
+        let view = self.audience_view(&delta, &job.identity, delivery);
+        let _ = job.reply.send(Ok(Served {
+            view: Arc::new(view),
+            caught_up: 0,
+        }));
     }
 
     /// Queues a catch-up position into the subscriber's held topic; whether
@@ -926,7 +1001,7 @@ mod tests {
         // holds against an older one.
         w.batch(&[("a", 12), ("b", 15)]);
         let reply = OutFrame::text_parts(
-            protocol::subscribed_head("t", None),
+            protocol::subscribed_head("t", None, false),
             served.view.body.clone(),
         );
         o.release(topic, &served.view.covered, reply);

@@ -145,6 +145,12 @@ pub struct Config {
     #[arg(long, env = "LIVE_SNAPSHOT_SHARE_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(..=10_000))]
     pub live_snapshot_share_ms: u64,
 
+    /// Resume: how long before a client's `since` the host must have been
+    /// reading the stream to answer with a delta, and how far before it an
+    /// arrival still counts as one the client may lack.
+    #[arg(long, env = "LIVE_RESUME_SLACK_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(..=600_000))]
+    pub live_resume_slack_ms: u64,
+
     /// Filter chain file (TOML); unset: the shipped pass-through plugin alone.
     #[arg(long, env = "LIVE_FILTER_CHAIN")]
     pub live_filter_chain: Option<PathBuf>,
@@ -234,6 +240,9 @@ impl Config {
     }
     pub fn snapshot_share(&self) -> Duration {
         Duration::from_millis(self.live_snapshot_share_ms)
+    }
+    pub fn resume_slack(&self) -> Duration {
+        Duration::from_millis(self.live_resume_slack_ms)
     }
 
     /// A configuration for tests and the demo: every default, with the three

@@ -16,15 +16,18 @@ use std::task::Poll;
 use std::time::Duration;
 
 use rustc_hash::FxHashSet;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::broadcast::{DeltaJob, Served, Work};
 use crate::directus::{Authz, Credential, User};
 use crate::ids::ConnId;
 use crate::metrics::{Counted, inc};
 use crate::outbox::{Flushed, Outbox};
 use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
 use crate::registry::Identity;
+use crate::resume::Full;
 use crate::snapshot::EventSnapshot;
 use crate::snapshots::{self, Source, Sources};
 use crate::state::Shared;
@@ -501,6 +504,24 @@ async fn subscribe(
     }
     // Registered first: whatever the snapshot lacks from here on is pushed
     // into the held topic, and `serve` adds what it lacks from before.
+    if let Some(since) = req.since {
+        // Past i64 is far in the future: the full snapshot.
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        match delta(&shared, req.event, since, &identity).await {
+            Ok(served) => {
+                inc(&m.resumes, "result", "delta");
+                m.snapshot_size.observe(served.view.len() as f64);
+                let reply = OutFrame::text_parts(
+                    protocol::subscribed_head(&topic, req.id.as_deref(), true),
+                    served.view.body.clone(),
+                );
+                let shed = outbox.release(idx, &served.view.covered, reply);
+                m.conflated.inc_by(shed as u64);
+                return Done::Added(req.event);
+            }
+            Err(full) => inc(&m.resumes, "result", full.label()),
+        }
+    }
     let sources = Sources {
         db: shared.db.clone(),
         timeout: shared.config.snapshot_timeout(),
@@ -525,12 +546,34 @@ async fn subscribe(
     // The client's own head, then the body shared by its audience: one
     // frame, no copy.
     let reply = OutFrame::text_parts(
-        protocol::subscribed_head(&topic, req.id.as_deref()),
+        protocol::subscribed_head(&topic, req.id.as_deref(), false),
         served.view.body.clone(),
     );
     let shed = outbox.release(idx, &served.view.covered, reply);
     m.conflated.inc_by(shed as u64);
     Done::Added(req.event)
+}
+
+/// Has the record path answer a resume from memory; `Err` when only the
+/// full snapshot will do.
+async fn delta(
+    shared: &Shared,
+    event: Uuid,
+    since: i64,
+    identity: &Arc<Identity>,
+) -> Result<Served, Full> {
+    let (reply, answer) = oneshot::channel();
+    let job = DeltaJob {
+        event,
+        since,
+        identity: identity.clone(),
+        reply,
+    };
+    if shared.work.send(Work::Delta(job)).await.is_err() {
+        // Shutting down: the full path answers with what it can.
+        return Err(Full::NotCovered);
+    }
+    answer.await.unwrap_or(Err(Full::NotCovered))
 }
 
 #[cfg(test)]
@@ -542,6 +585,7 @@ mod tests {
             kind: RequestKind::Subscribe,
             event: Uuid::from_u128(n),
             id: None,
+            since: None,
         })
     }
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broadcast::{StreamEntry, Work};
 use crate::metrics::{Metrics, inc};
+use crate::resume::Coverage;
 
 /// Where and how to read.
 #[derive(Clone)]
@@ -35,6 +36,8 @@ pub struct Consumer {
     pub metrics: Arc<Metrics>,
     /// True while connected with the group in place (`/readyz`).
     pub ready: Arc<AtomicBool>,
+    /// Since when reading has had no break (see `resume`).
+    pub coverage: Arc<Coverage>,
 }
 
 fn kind(e: &RedisError) -> &'static str {
@@ -102,7 +105,11 @@ impl Consumer {
             .get_multiplexed_async_connection_with_config(&cfg)
             .await?;
         match resume.as_deref() {
-            None => *resume = Some(self.start_group(&mut conn).await?),
+            None => {
+                let started = crate::resume::unix_ms();
+                *resume = Some(self.start_group(&mut conn).await?);
+                self.coverage.begin(started);
+            }
             Some(after) => self.recreate_group(&mut conn, after).await?,
         }
         self.set_ready(true);
@@ -185,15 +192,22 @@ impl Consumer {
     /// After a reconnect or a loss: the group kept where it was when it
     /// still exists (what arrived during a short outage is still delivered;
     /// stale positions are dropped downstream), else created again just
-    /// after `after`, the last entry read.
+    /// after `after`, the last entry read. A group created again may have
+    /// missed entries (a trimmed or deleted stream), so resumes from before
+    /// now get full snapshots.
     async fn recreate_group(
         &self,
         conn: &mut MultiplexedConnection,
         after: &str,
     ) -> Result<(), RedisError> {
+        let now = crate::resume::unix_ms();
         match self.create_group(conn, after).await {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            other => other,
+            Ok(()) => {
+                self.coverage.begin(now);
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 

@@ -27,6 +27,10 @@ pub struct Latest {
     pub ts_ms: i64,
     pub body: Bytes,
     pub payload: Bytes,
+    /// When it reached the host (Unix ms, host clock): a resume lists a
+    /// device whose position is older than the client's `since` but arrived
+    /// after the client went away (see `resume`).
+    pub arrived_ms: i64,
 }
 
 #[derive(Default)]
@@ -65,12 +69,14 @@ pub enum Observed {
 
 impl LatestPositions {
     /// Records a batch of positions under one lock: `(device, ts, body,
-    /// payload)` in, one decision per record out (in `out`, cleared first).
-    /// Devices of no event in `devices` are neither remembered nor indexed.
+    /// payload)` in, all arrived at `arrived_ms`; one decision per record
+    /// out (in `out`, cleared first). Devices of no event in `devices` are
+    /// neither remembered nor indexed.
     pub fn observe<'a>(
         &self,
         records: impl Iterator<Item = (&'a str, i64, &'a Bytes, &'a Bytes)>,
         devices: &DeviceEvents,
+        arrived_ms: i64,
         out: &mut Vec<Observed>,
     ) {
         out.clear();
@@ -89,6 +95,7 @@ impl LatestPositions {
                         ts_ms,
                         body: body.clone(),
                         payload: payload.clone(),
+                        arrived_ms,
                     });
                     out.push(Observed::Newer(idx));
                 }
@@ -195,6 +202,7 @@ mod tests {
             ]
             .into_iter(),
             &map(&["d1", "d2"]),
+            0,
             &mut out,
         );
         assert_eq!(
@@ -221,6 +229,7 @@ mod tests {
         l.observe(
             [("d1", 10, &p, &p), ("d2", 20, &p, &p), ("d3", 30, &p, &p)].into_iter(),
             &map(&["d1", "d2", "d3"]),
+            0,
             &mut out,
         );
         // The snapshot has d1 at 10 (same), d2 at 15 (older), d3 not at all;
@@ -250,6 +259,7 @@ mod tests {
                 .map(|d| (d.as_str(), 1, &p, &p))
                 .chain([("d1", 1, &p, &p)]),
             &map(&["d1"]),
+            0,
             &mut out,
         );
         assert!(out[..1000].iter().all(|o| *o == Observed::Unrouted));
@@ -262,7 +272,7 @@ mod tests {
         let l = LatestPositions::default();
         let p = Bytes::from_static(b"p");
         let mut out = Vec::new();
-        l.observe([("d1", 1, &p, &p)].into_iter(), &map(&["d1"]), &mut out);
+        l.observe([("d1", 1, &p, &p)].into_iter(), &map(&["d1"]), 0, &mut out);
         l.forget_unregistered(&map(&["d2"]));
         assert!(l.get_many(["d1"].into_iter()).is_empty());
         assert_eq!(l.device_idx("d1"), 0);

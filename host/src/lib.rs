@@ -42,6 +42,7 @@ pub mod protocol;
 mod ratelimit;
 mod record;
 mod registry;
+mod resume;
 mod server;
 mod snapshot;
 mod snapshots;

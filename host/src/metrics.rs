@@ -52,6 +52,7 @@ pub struct Metrics {
     pub snapshot_queries: Counter,
     pub snapshots_served: CounterFamily,
     pub snapshot_catch_up: Counter,
+    pub resumes: CounterFamily,
 
     pub device_map_refreshes: CounterFamily,
     pub device_map_devices: Gauge,
@@ -220,6 +221,11 @@ impl Metrics {
                 "livecast_snapshot_catch_up",
                 "Positions sent right after subscribed because the shared snapshot was older than the host's memory",
                 Counter::default()
+            ),
+            resumes: reg!(
+                "livecast_resumes",
+                "Subscribes with since, by result (delta: answered from memory; else why the full snapshot was sent: future, not_covered, devices_changed, chain_reloaded)",
+                CounterFamily::default()
             ),
             device_map_refreshes: reg!(
                 "livecast_device_map_refreshes",

@@ -16,6 +16,9 @@ pub struct Request {
     pub kind: RequestKind,
     pub event: Uuid,
     pub id: Option<String>,
+    /// Resume (subscribe only): the newest `ts` the client holds for the
+    /// topic, in ms. See `resume`.
+    pub since: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +80,14 @@ struct Frame {
     topic: String,
     #[serde(default)]
     id: Option<String>,
+    /// Absent, or an integer ≥ 0: `null`, a fraction, a negative number or
+    /// a string is a `bad-request` like any other wrong type.
+    #[serde(default, deserialize_with = "present_u64")]
+    since: Option<u64>,
+}
+
+fn present_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64::deserialize(d).map(Some)
 }
 
 /// Parses a text frame. Anything that is not exactly a subscribe or
@@ -92,7 +103,7 @@ pub fn parse(text: &str) -> Result<Request, ErrorReply> {
                 code: ErrorCode::BadRequest,
                 topic,
                 id,
-                message: "expected {\"type\": \"subscribe\"|\"unsubscribe\", \"topic\": string, \"id\"?: string} and nothing else",
+                message: "expected {\"type\": \"subscribe\"|\"unsubscribe\", \"topic\": string, \"id\"?: string, \"since\"?: integer >= 0} and nothing else",
             });
         }
     };
@@ -110,6 +121,9 @@ pub fn parse(text: &str) -> Result<Request, ErrorReply> {
         "unsubscribe" => RequestKind::Unsubscribe,
         _ => return Err(bad("type must be \"subscribe\" or \"unsubscribe\"")),
     };
+    if kind == RequestKind::Unsubscribe && frame.since.is_some() {
+        return Err(bad("since belongs to subscribe"));
+    }
     let event = frame
         .topic
         .strip_prefix("event:")
@@ -126,6 +140,7 @@ pub fn parse(text: &str) -> Result<Request, ErrorReply> {
         kind,
         event,
         id: frame.id,
+        since: frame.since,
     })
 }
 
@@ -163,11 +178,15 @@ fn open(b: &mut BytesMut, kind: &str, topic: Option<&str>, id: Option<&str>) {
 }
 
 /// The head of a `subscribed` reply, the client's own part:
-/// `{"type":"subscribed","topic":…,"id":…,`. The snapshot body
+/// `{"type":"subscribed","topic":…,"id":…,` (and `"delta":true,` when the
+/// snapshot that follows is a resume's delta). The snapshot body
 /// ([`snapshot_body`]) follows it on the wire, in the same frame.
-pub fn subscribed_head(topic: &str, id: Option<&str>) -> Bytes {
-    let mut b = BytesMut::with_capacity(40 + topic.len() + id.map_or(0, |i| i.len() + 8));
+pub fn subscribed_head(topic: &str, id: Option<&str>, delta: bool) -> Bytes {
+    let mut b = BytesMut::with_capacity(54 + topic.len() + id.map_or(0, |i| i.len() + 8));
     open(&mut b, "subscribed", Some(topic), id);
+    if delta {
+        b.put_slice(b",\"delta\":true");
+    }
     b.put_u8(b',');
     b.freeze()
 }
@@ -261,6 +280,64 @@ mod tests {
         ))
         .unwrap();
         assert_eq!((r.kind, r.id), (RequestKind::Unsubscribe, None));
+        assert_eq!(r.since, None);
+        let r = parse(&format!(
+            r#"{{"type":"subscribe","topic":"event:{EVENT}","since":1777716930123}}"#
+        ))
+        .unwrap();
+        assert_eq!(r.since, Some(1_777_716_930_123));
+        let r = parse(&format!(
+            r#"{{"type":"subscribe","topic":"event:{EVENT}","since":0}}"#
+        ))
+        .unwrap();
+        assert_eq!(r.since, Some(0));
+    }
+
+    #[test]
+    fn since_is_an_integer_of_a_subscribe_or_a_bad_request() {
+        let topic = format!("event:{EVENT}");
+        for since in [
+            "-1",
+            "1.5",
+            "1e3",
+            "\"17\"",
+            "null",
+            "true",
+            "[1]",
+            "18446744073709551616",
+        ] {
+            let frame =
+                format!(r#"{{"type":"subscribe","topic":"{topic}","id":"s","since":{since}}}"#);
+            let e = parse(&frame).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{frame}");
+            assert_eq!(e.id.as_deref(), Some("s"), "{frame}");
+        }
+        let e = parse(&format!(
+            r#"{{"type":"unsubscribe","topic":"{topic}","since":5}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert_eq!(e.message, "since belongs to subscribe");
+    }
+
+    #[test]
+    fn a_delta_says_so_in_its_head() {
+        let topic = format!("event:{EVENT}");
+        let full = [
+            subscribed_head(&topic, Some("a"), false),
+            snapshot_body([].into_iter()),
+        ]
+        .concat();
+        let delta = [
+            subscribed_head(&topic, Some("a"), true),
+            snapshot_body([].into_iter()),
+        ]
+        .concat();
+        let full: serde_json::Value = serde_json::from_slice(&full).unwrap();
+        let delta: serde_json::Value = serde_json::from_slice(&delta).unwrap();
+        assert_eq!(full.get("delta"), None, "a full snapshot is as before");
+        assert_eq!(delta["delta"], serde_json::Value::Bool(true));
+        assert_eq!(delta["snapshot"], serde_json::Value::Array(vec![]));
     }
 
     #[test]
@@ -307,7 +384,7 @@ mod tests {
             br#""deviceId":"1","lat":1,"lon":2,"ts":3}"#,
             br#""deviceId":"2","lat":1,"lon":2,"ts":3}"#,
         ];
-        let subscribed = |id, body: Bytes| [subscribed_head(&topic, id), body].concat();
+        let subscribed = |id, body: Bytes| [subscribed_head(&topic, id, false), body].concat();
         let msg = subscribed(Some("r1"), snapshot_body(bodies.iter().copied()));
         assert_eq!(
             &msg[..],
@@ -393,49 +470,63 @@ mod props {
             (0..4u8, any::<bool>()),
             id(),
             any::<bool>(),
+            prop::option::of(any::<u64>()),
             Just(()).prop_perturb(|_, mut rng| {
-                let mut order = [0usize, 1, 2];
-                for i in (1..3).rev() {
+                let mut order = [0usize, 1, 2, 3];
+                for i in (1..4).rev() {
                     order.swap(i, rng.random_range(0..=i));
                 }
                 order
             }),
-            prop::collection::vec(ws(), 12),
+            prop::collection::vec(ws(), 16),
         )
-            .prop_map(|(sub, uuid, (form, upper), id, null_id, order, gaps)| {
-                let event = Uuid::from_u128(uuid);
-                let kind = if sub { "subscribe" } else { "unsubscribe" };
-                let topic = topic_of_form(event, form, upper);
-                let id_json = match (&id, null_id) {
-                    (Some(i), _) => Some(Value::from(i.as_str()).to_string()),
-                    (None, true) => Some("null".to_owned()),
-                    (None, false) => None,
-                };
-                let fields: Vec<(&str, String)> = [
-                    Some(("type", Value::from(kind).to_string())),
-                    Some(("topic", Value::from(topic).to_string())),
-                    id_json.map(|j| ("id", j)),
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
-                let mut text = format!("{}{{", gaps[0]);
-                let mut g = gaps[1..].iter();
-                let mut sep = "";
-                for &i in order.iter().filter(|&&i| i < fields.len()) {
-                    let (k, v) = &fields[i];
-                    let mut gap = || g.next().map_or("", String::as_str);
-                    text += &format!("{sep}{}\"{k}\"{}:{}{v}{}", gap(), gap(), gap(), gap());
-                    sep = ",";
-                }
-                text += "}";
-                let kind = if sub {
-                    RequestKind::Subscribe
-                } else {
-                    RequestKind::Unsubscribe
-                };
-                (text, Request { kind, event, id })
-            })
+            .prop_map(
+                |(sub, uuid, (form, upper), id, null_id, since, order, gaps)| {
+                    // `since` belongs to subscribe only.
+                    let since = since.filter(|_| sub);
+                    let event = Uuid::from_u128(uuid);
+                    let kind = if sub { "subscribe" } else { "unsubscribe" };
+                    let topic = topic_of_form(event, form, upper);
+                    let id_json = match (&id, null_id) {
+                        (Some(i), _) => Some(Value::from(i.as_str()).to_string()),
+                        (None, true) => Some("null".to_owned()),
+                        (None, false) => None,
+                    };
+                    let fields: Vec<(&str, String)> = [
+                        Some(("type", Value::from(kind).to_string())),
+                        Some(("topic", Value::from(topic).to_string())),
+                        id_json.map(|j| ("id", j)),
+                        since.map(|n| ("since", n.to_string())),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                    let mut text = format!("{}{{", gaps[0]);
+                    let mut g = gaps[1..].iter();
+                    let mut sep = "";
+                    for &i in order.iter().filter(|&&i| i < fields.len()) {
+                        let (k, v) = &fields[i];
+                        let mut gap = || g.next().map_or("", String::as_str);
+                        text += &format!("{sep}{}\"{k}\"{}:{}{v}{}", gap(), gap(), gap(), gap());
+                        sep = ",";
+                    }
+                    text += "}";
+                    let kind = if sub {
+                        RequestKind::Subscribe
+                    } else {
+                        RequestKind::Unsubscribe
+                    };
+                    (
+                        text,
+                        Request {
+                            kind,
+                            event,
+                            id,
+                            since,
+                        },
+                    )
+                },
+            )
     }
 
     /// Text near the grammar: fragments of requests, glued at random.
@@ -513,6 +604,7 @@ mod props {
                         RequestKind::Unsubscribe => "unsubscribe",
                     }));
                     prop_assert_eq!(v["id"].as_str(), req.id.as_deref());
+                    prop_assert_eq!(v["since"].as_u64(), req.since);
                     prop_assert!(v["topic"].as_str().is_some_and(|t| t.starts_with("event:")));
                 }
                 Err(e) => {

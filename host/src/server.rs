@@ -116,6 +116,7 @@ impl Host {
             shutdown: CancellationToken::new(),
             abandon: CancellationToken::new(),
             redis_ready: Arc::default(),
+            coverage: Arc::default(),
             work: work_tx,
             connections: TaskTracker::new(),
             handshakes: tokio::sync::Semaphore::new(config_handshakes),
@@ -203,7 +204,8 @@ impl Host {
             shared.metrics.clone(),
             config.live_max_record_bytes as usize,
         )
-        .with_chain_generation(shared.snapshots.chain_generation());
+        .with_chain_generation(shared.snapshots.chain_generation())
+        .with_resume(shared.coverage.clone(), config.resume_slack());
         // Reloaded chains: one at a time is plenty (a reload takes seconds).
         let (chains_tx, chains) = mpsc::channel(1);
         let record_path = std::thread::Builder::new()
@@ -216,6 +218,7 @@ impl Host {
                 config: stream.clone(),
                 metrics: shared.metrics.clone(),
                 ready: shared.redis_ready.clone(),
+                coverage: shared.coverage.clone(),
             }
             .run(shared.work.clone(), background.clone()),
         );

@@ -17,6 +17,7 @@ use crate::directus::Directus;
 use crate::latest::LatestPositions;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::resume::Coverage;
 use crate::snapshots::Snapshots;
 
 /// State shared by the listeners, the connections and the background tasks.
@@ -36,6 +37,8 @@ pub struct Shared {
     /// dropped.
     pub abandon: CancellationToken,
     pub redis_ready: Arc<AtomicBool>,
+    /// Since when the stream has been read without a break (resumes).
+    pub coverage: Arc<Coverage>,
     /// The record path's queue: batches and snapshots to filter.
     pub work: mpsc::Sender<Work>,
     /// Upgrades being authenticated (`LIVE_WS_MAX_HANDSHAKES`).

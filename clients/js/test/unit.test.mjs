@@ -1,6 +1,6 @@
 // The client's own rules, message by message, with a scripted socket: the
-// merge rules (including a delta snapshot, which no host in this repository
-// sends yet), the request shapes, the backoff schedule. The same rules
+// merge rules (including every shape of delta), the request shapes, the
+// fallback for hosts without `since`, the backoff schedule. The same rules
 // against a real host are in client.test.mjs.
 
 import assert from 'node:assert/strict';

@@ -228,6 +228,9 @@ async fn start(env: &TestEnv, run: &mut Running, cmd: &Value) -> Answer {
     }
     let mut config = env.config();
     config.live_ws_port = run.port;
+    // A resume test need not wait the default 5 s for the host's memory to
+    // reach back far enough; the rules are the same at any width.
+    config.live_resume_slack_ms = 300;
     let mut host = Host::bind(config).await.map_err(|e| format!("{e:#}"))?;
     run.port = host.ws_addr().port();
     if let Some(token) = cmd["pages"].as_str() {

@@ -9,6 +9,7 @@ mod load_smoke;
 mod outage;
 mod page;
 mod plan;
+mod resume;
 mod shared_snapshot;
 mod slow;
 mod stream;
