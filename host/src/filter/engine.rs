@@ -114,8 +114,9 @@ impl FilterEngine {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             // 4 GiB of address space (not memory: the cap is the limiter's)
             // per slot plus a guard, so that compiled code needs no bounds
-            // check on loads and stores. A 256 MiB reservation with explicit
-            // checks made the parsing plugin about 20 % slower.
+            // check on loads and stores (a smaller reservation with explicit
+            // checks slowed the parsing plugin measurably: docs/benchmarks.md,
+            // "Filter chain").
             .memory_reservation(4 << 30)
             .memory_reservation_for_growth(0)
             .memory_guard_size(32 << 20);
