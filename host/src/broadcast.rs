@@ -24,6 +24,7 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::deflate::Packed;
 use crate::devices::{DeviceEvents, DeviceMap};
 use crate::filter::{AudienceRef, Chain, Decided, Record};
 use crate::ids::{DeviceIdx, TopicIdx};
@@ -96,6 +97,8 @@ pub struct Broadcaster {
     chain_generation: Arc<AtomicU64>,
     /// Larger stream entries are skipped as malformed (`too_large`).
     max_record_bytes: usize,
+    /// Shorter messages are not compressed (`LIVE_WS_DEFLATE_MIN_BYTES`).
+    deflate_min: usize,
     malformed_log: LogLimiter,
     // Reused between batches.
     records: Vec<Record>,
@@ -111,6 +114,8 @@ struct Tally {
     routed: u64,
     deliveries: u64,
     conflated: u64,
+    deflate_in: u64,
+    deflate_out: u64,
 }
 
 impl Tally {
@@ -137,13 +142,15 @@ struct Delivery<'v> {
     tally: Tally,
     /// Outboxes this batch gave their first thing to send.
     dirty: Vec<&'v Arc<Outbox>>,
+    deflate_min: usize,
 }
 
 impl<'v> Delivery<'v> {
-    fn new() -> Self {
+    fn new(deflate_min: usize) -> Self {
         Self {
             tally: Tally::default(),
             dirty: Vec::new(),
+            deflate_min,
         }
     }
 
@@ -155,15 +162,16 @@ impl<'v> Delivery<'v> {
         self
     }
 
-    /// Queues one position for one subscriber.
-    fn push(&mut self, outbox: &'v Arc<Outbox>, topic: TopicIdx, position: Queued<'_>) {
-        let p = outbox.push_position(
-            topic,
-            position.device,
-            position.ts,
-            position.msg,
-            position.floor,
-        );
+    /// Queues one position for one subscriber: the message shared by the
+    /// topic (or audience), compressed once for those that negotiated
+    /// permessage-deflate.
+    fn push(&mut self, outbox: &'v Arc<Outbox>, topic: TopicIdx, position: Queued, msg: &mut Packed) {
+        let tally = &mut self.tally;
+        let msg = msg.for_connection(outbox.deflate(), self.deflate_min, |i, o| {
+            tally.deflate_in += i as u64;
+            tally.deflate_out += o as u64;
+        });
+        let p = outbox.push_position(topic, position.device, position.ts, msg, position.floor);
         if p == (Pushed::Queued { first: true }) {
             self.dirty.push(outbox);
         }
@@ -185,6 +193,8 @@ impl<'v> Delivery<'v> {
         metrics.records_routed.inc_by(t.routed);
         metrics.deliveries.inc_by(t.deliveries);
         metrics.conflated.inc_by(t.conflated);
+        metrics.deflate_in_bytes.inc_by(t.deflate_in);
+        metrics.deflate_out_bytes.inc_by(t.deflate_out);
         for outbox in self.dirty {
             outbox.wake();
         }
@@ -193,10 +203,9 @@ impl<'v> Delivery<'v> {
 
 /// One position as pushed to each subscriber of a topic.
 #[derive(Clone, Copy)]
-struct Queued<'m> {
+struct Queued {
     device: DeviceIdx,
     ts: i64,
-    msg: &'m Bytes,
     floor: Floor,
 }
 
@@ -226,11 +235,19 @@ impl Broadcaster {
             registry,
             metrics,
             max_record_bytes,
+            deflate_min: usize::MAX,
             malformed_log: LogLimiter::new(Duration::from_secs(10)),
             records: Vec::new(),
             bodies: Vec::new(),
             observed: Vec::new(),
         }
+    }
+
+    /// Compresses messages of at least `min` bytes for the connections that
+    /// negotiated permessage-deflate (none are, without this).
+    pub fn with_deflate_min(mut self, min: usize) -> Self {
+        self.deflate_min = min;
+        self
     }
 
     /// Shares the counter of chain swaps with the snapshots' cache.
@@ -316,17 +333,16 @@ impl Broadcaster {
         devices: &DeviceEvents,
     ) {
         let registry = self.registry.view();
-        let mut out = Delivery::new();
+        let mut out = Delivery::new(self.deflate_min);
         let routing = each_route(records, observed, devices, &registry, |i, device, topic| {
-            let msg = protocol::position(&topic.prefix, &bodies[i]);
+            let mut msg = Packed::new(protocol::position(&topic.prefix, &bodies[i]));
             let position = Queued {
                 device,
                 ts: records[i].position.ts_ms,
-                msg: &msg,
                 floor: Floor::Skip,
             };
             for outbox in topic.subscribers() {
-                out.push(outbox, topic.idx, position);
+                out.push(outbox, topic.idx, position, &mut msg);
             }
         });
         out.tally(routing).finish(&self.metrics);
@@ -367,7 +383,9 @@ impl Broadcaster {
             });
         }
         if pairs.is_empty() {
-            Delivery::new().tally(routing).finish(&self.metrics);
+            Delivery::new(self.deflate_min)
+                .tally(routing)
+                .finish(&self.metrics);
             return;
         }
         let refs: Vec<AudienceRef<'_>> = audiences
@@ -396,8 +414,8 @@ impl Broadcaster {
                 Some((topic, group))
             })
             .collect();
-        let mut shared: Option<(usize, u32, Bytes)> = None;
-        let mut out = Delivery::new();
+        let mut shared: Option<(usize, u32, Packed)> = None;
+        let mut out = Delivery::new(self.deflate_min);
         for (p, d) in pairs.iter().zip(decided) {
             if matches!(d, Decided::Drop) {
                 continue;
@@ -407,32 +425,32 @@ impl Broadcaster {
             };
             // Every position of an audience keeps a floor here: a plugin may
             // pass one record and give an older (delayed) one for the next.
+            let mut replaced;
             let (msg, ts) = match d {
                 Decided::Drop => continue,
                 Decided::Pass => {
-                    let msg = match &shared {
-                        Some((r, idx, m)) if *r == p.record && *idx == topic.idx => m.clone(),
-                        _ => {
-                            let m = protocol::position(&topic.prefix, &bodies[p.record]);
-                            shared = Some((p.record, topic.idx, m.clone()));
-                            m
-                        }
+                    let same = matches!(&shared, Some((r, idx, _)) if *r == p.record && *idx == topic.idx);
+                    if !same {
+                        let m = protocol::position(&topic.prefix, &bodies[p.record]);
+                        shared = Some((p.record, topic.idx, Packed::new(m)));
+                    }
+                    let Some((_, _, msg)) = &mut shared else {
+                        continue;
                     };
                     (msg, records[p.record].position.ts_ms)
                 }
-                Decided::Replace(r) => (
-                    protocol::position(&topic.prefix, &r.position.body()),
-                    r.position.ts_ms,
-                ),
+                Decided::Replace(r) => {
+                    replaced = Packed::new(protocol::position(&topic.prefix, &r.position.body()));
+                    (&mut replaced, r.position.ts_ms)
+                }
             };
             let position = Queued {
                 device: p.device,
                 ts,
-                msg: &msg,
                 floor: Floor::Keep,
             };
             for (_, outbox) in &group.members {
-                out.push(outbox, topic.idx, position);
+                out.push(outbox, topic.idx, position, msg);
             }
         }
         out.tally(routing).finish(&self.metrics);
@@ -519,6 +537,14 @@ impl Broadcaster {
         let delivery = self.chain.has_delivery();
         let audience = delivery.then_some(&*job.identity);
         let view = snapshot.view(audience, |s| self.audience_view(s, &job.identity, delivery));
+        // Compressed here, on the record path, once per view: not on a
+        // connection's task, where concurrent subscribers would each wait.
+        if job.outbox.deflate()
+            && let Some((i, o)) = view.deflate(self.deflate_min)
+        {
+            self.metrics.deflate_in_bytes.inc_by(i as u64);
+            self.metrics.deflate_out_bytes.inc_by(o as u64);
+        }
 
         let devices = self.devices.current();
         let newer = self.latest.newer_than(

@@ -19,6 +19,7 @@ use rustc_hash::FxHashSet;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::deflate;
 use crate::directus::{Authz, Credential, User};
 use crate::ids::ConnId;
 use crate::metrics::{Counted, inc};
@@ -177,6 +178,9 @@ pub async fn serve(
 ) {
     let metrics = shared.metrics.clone();
     let _open = Counted::new(&metrics.connections);
+    let _deflate = outbox
+        .deflate()
+        .then(|| Counted::new(&metrics.deflate_connections));
     tracing::debug!(conn = id, user = %user.id, "connected");
     if user.role.is_none() {
         // Directus leaves `role` out of /users/me unless the user's policy may
@@ -523,11 +527,13 @@ async fn subscribe(
     m.snapshot_size.observe(served.view.len() as f64);
     m.snapshot_catch_up.inc_by(served.caught_up as u64);
     // The client's own head, then the body shared by its audience: one
-    // frame, no copy.
-    let reply = OutFrame::text_parts(
-        protocol::subscribed_head(&topic, req.id.as_deref()),
-        served.view.body.clone(),
-    );
+    // frame, no copy. Compressed, the head is a stored block ahead of the
+    // body compressed once.
+    let head = protocol::subscribed_head(&topic, req.id.as_deref());
+    let reply = match served.view.deflated().filter(|_| outbox.deflate()) {
+        Some(body) => OutFrame::deflated_parts(deflate::stored(&head), body.clone()),
+        None => OutFrame::text_parts(head, served.view.body.clone()),
+    };
     let shed = outbox.release(idx, &served.view.covered, reply);
     m.conflated.inc_by(shed as u64);
     Done::Added(req.event)

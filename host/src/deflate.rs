@@ -28,6 +28,8 @@ use std::cell::RefCell;
 use bytes::{BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
+use crate::outbox::Message;
+
 /// The `Sec-WebSocket-Extensions` value of an accepted offer.
 pub const RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
@@ -289,6 +291,53 @@ pub fn stored(head: &[u8]) -> Bytes {
     b.freeze()
 }
 
+/// A message shared by many connections, and its compressed form, made the
+/// first time a connection that negotiated permessage-deflate needs it (so a
+/// topic without such subscribers never pays for it).
+pub struct Packed {
+    plain: Bytes,
+    /// `None`: not tried yet; `Some(None)`: too short, or did not shrink.
+    deflated: Option<Option<Bytes>>,
+}
+
+impl Packed {
+    pub fn new(plain: Bytes) -> Self {
+        Self {
+            plain,
+            deflated: None,
+        }
+    }
+
+    /// What a connection is sent: the compressed form if it negotiated
+    /// permessage-deflate (`deflate`) and the message is at least `min`
+    /// bytes and shrinks. `compressed(in, out)` is called when it is made.
+    pub fn for_connection(
+        &mut self,
+        deflate: bool,
+        min: usize,
+        compressed: impl FnOnce(usize, usize),
+    ) -> Message<'_> {
+        if !deflate || self.plain.len() < min {
+            return Message::from(&self.plain);
+        }
+        let plain = &self.plain;
+        let made = self.deflated.get_or_insert_with(|| {
+            let made = compress(plain, POSITION_LEVEL);
+            if let Some(c) = &made {
+                compressed(plain.len(), c.len());
+            }
+            made
+        });
+        match made {
+            Some(bytes) => Message {
+                bytes,
+                deflated: true,
+            },
+            None => Message::from(&self.plain),
+        }
+    }
+}
+
 /// Why a compressed message could not be read.
 #[derive(Debug, PartialEq, Eq)]
 pub enum InflateError {
@@ -469,6 +518,29 @@ mod tests {
         assert_eq!(reference_inflate(&a), json(20));
         let parts = compress_parts(&[&json(3), &json(4)], SNAPSHOT_LEVEL).expect("smaller");
         assert_eq!(reference_inflate(&parts), [json(3), json(4)].concat());
+    }
+
+    #[test]
+    fn a_shared_message_is_compressed_once_and_only_when_asked() {
+        let msg = Bytes::from(json(3));
+        let mut p = Packed::new(msg.clone());
+        let mut made = 0;
+        let m = p.for_connection(false, 0, |_, _| made += 1);
+        assert!(!m.deflated && m.bytes == &msg);
+        let m = p.for_connection(true, msg.len() + 1, |_, _| made += 1);
+        assert!(!m.deflated, "under the threshold");
+        assert_eq!(made, 0);
+        let first = p.for_connection(true, 16, |_, _| made += 1).bytes.clone();
+        let again = p.for_connection(true, 16, |_, _| made += 1);
+        assert!(again.deflated);
+        assert_eq!(again.bytes.as_ptr(), first.as_ptr(), "the same bytes");
+        assert_eq!(made, 1);
+        assert_eq!(reference_inflate(&first), json(3));
+        // What does not shrink goes out plain, and is not tried again.
+        let mut tiny = Packed::new(Bytes::from_static(b"{}"));
+        assert!(!tiny.for_connection(true, 0, |_, _| made += 1).deflated);
+        assert!(!tiny.for_connection(true, 0, |_, _| made += 1).deflated);
+        assert_eq!(made, 1);
     }
 
     #[test]

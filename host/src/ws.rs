@@ -7,8 +7,12 @@
 //! its read buffer up front. This module writes frames straight from the
 //! shared `Bytes` of the record path with one vectored write per batch (no
 //! copy), and holds no buffer at all while a connection is idle. It does
-//! only what a live-position server needs: no extensions, no subprotocols,
-//! text in (≤ 16 KiB per message), text out.
+//! only what a live-position server needs: no subprotocols, text in
+//! (≤ 16 KiB per message, inflated or not), text out, and one extension,
+//! permessage-deflate, without context takeover either way (see
+//! [`crate::deflate`]): compressed frames carry bytes compressed once for
+//! every subscriber, and compressed client messages inflate without any
+//! per-connection state.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -17,6 +21,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
+use crate::deflate::{self, InflateError};
+
 /// Opcodes.
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
@@ -24,6 +30,9 @@ const BINARY: u8 = 0x2;
 const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 const PONG: u8 = 0xA;
+
+/// RSV1: the message is compressed (RFC 7692 §6).
+const RSV1: u8 = 0b100;
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 2048;
@@ -84,6 +93,20 @@ impl OutFrame {
     /// A text frame whose payload is `head` followed by `tail`.
     pub fn text_parts(head: Bytes, tail: Bytes) -> Self {
         Self::new(TEXT, [head, tail])
+    }
+
+    /// A compressed text message (RSV1 set) of shared bytes, from
+    /// [`deflate::compress`].
+    pub fn deflated(payload: Bytes) -> Self {
+        Self::deflated_parts(payload, Bytes::new())
+    }
+
+    /// A compressed text message made of two pieces: a head as stored
+    /// blocks ([`deflate::stored`]) and a body compressed once.
+    pub fn deflated_parts(head: Bytes, tail: Bytes) -> Self {
+        let mut f = Self::new(TEXT, [head, tail]);
+        f.header[0] |= RSV1 << 4;
+        f
     }
 
     pub fn ping() -> Self {
@@ -162,6 +185,10 @@ struct Decoder {
     /// The payload of a fragmented message being received.
     message: Vec<u8>,
     fragmented: Option<u8>,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
+    /// The fragmented message being received is compressed.
+    compressed: bool,
     max_message: usize,
     /// Bytes still to drop of a frame that was refused, or skipped while
     /// closing: they are read off the socket (closing a socket with unread
@@ -179,13 +206,20 @@ struct Decoder {
 }
 impl WebSocket {
     /// Wraps an upgraded stream; `already_read` is what the HTTP layer read
-    /// past the upgrade request.
-    pub fn new(stream: Arc<TcpStream>, already_read: &[u8], max_message: usize) -> Self {
+    /// past the upgrade request; `deflate`: permessage-deflate was
+    /// negotiated.
+    pub fn new(
+        stream: Arc<TcpStream>,
+        already_read: &[u8],
+        max_message: usize,
+        deflate: bool,
+    ) -> Self {
         Self {
             stream,
             decoder: Decoder {
                 pending: already_read.to_vec(),
                 max_message,
+                deflate,
                 ..Decoder::default()
             },
         }
@@ -304,7 +338,7 @@ impl Decoder {
                 at = self.pending.len();
                 break Ok(());
             }
-            match parse_frame(&self.pending[at..], self.max_message) {
+            match parse_frame(&self.pending[at..], self.max_message, self.deflate) {
                 Ok(None) => break Ok(()),
                 Ok(Some((frame, used))) => {
                     at += used;
@@ -369,9 +403,12 @@ impl Decoder {
             TEXT | BINARY if self.fragmented.is_some() => {
                 return Err(ReadError::Protocol("a new message inside a fragmented one"));
             }
-            TEXT | BINARY if f.fin => out.push(message(f.opcode, f.payload)?),
+            TEXT | BINARY if f.fin => {
+                out.push(message(f.opcode, f.payload, f.compressed, self.max_message)?)
+            }
             TEXT | BINARY => {
                 self.fragmented = Some(f.opcode);
+                self.compressed = f.compressed;
                 self.message = f.payload;
             }
             CONTINUATION => {
@@ -384,7 +421,8 @@ impl Decoder {
                 self.message.extend_from_slice(&f.payload);
                 if f.fin {
                     self.fragmented = None;
-                    out.push(message(opcode, std::mem::take(&mut self.message))?);
+                    let payload = std::mem::take(&mut self.message);
+                    out.push(message(opcode, payload, self.compressed, self.max_message)?);
                 }
             }
             // parse_frame refuses every other opcode.
@@ -421,10 +459,25 @@ fn close_code_valid(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-fn message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
+/// A whole data message; a compressed one is inflated first, up to the
+/// same limit as an uncompressed one.
+fn message(
+    opcode: u8,
+    payload: Vec<u8>,
+    compressed: bool,
+    max: usize,
+) -> Result<Incoming, ReadError> {
     if opcode == BINARY {
         return Ok(Incoming::Binary);
     }
+    let payload = if compressed {
+        deflate::inflate(&payload, max).map_err(|e| match e {
+            InflateError::TooLarge => ReadError::TooLarge,
+            InflateError::Invalid => ReadError::Protocol("invalid compressed data"),
+        })?
+    } else {
+        payload
+    };
     String::from_utf8(payload)
         .map(Incoming::Text)
         .map_err(|_| ReadError::InvalidUtf8)
@@ -432,6 +485,8 @@ fn message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
 
 struct Frame {
     fin: bool,
+    /// RSV1: the first frame of a compressed message.
+    compressed: bool,
     opcode: u8,
     payload: Vec<u8>,
 }
@@ -491,15 +546,27 @@ fn parse_header(buf: &[u8]) -> Option<Header> {
 /// One complete client frame at the start of `buf`, unmasked, and the bytes
 /// it used; `None` when more bytes are needed. A frame is refused as soon as
 /// its header is in, with the header, so that the rest of it can be skipped
-/// without being held.
-fn parse_frame(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, (ReadError, Header)> {
+/// without being held. With `deflate` negotiated, RSV1 may mark the first
+/// frame of a data message (RFC 7692 §6.1), and only that.
+fn parse_frame(
+    buf: &[u8],
+    max: usize,
+    deflate: bool,
+) -> Result<Option<(Frame, usize)>, (ReadError, Header)> {
     let Some(h) = parse_header(buf) else {
         return Ok(None);
     };
     let refuse = |e| Err((e, h));
-    if h.rsv != 0 {
-        return refuse(ReadError::Protocol("reserved bits set"));
-    }
+    let compressed = match h.rsv {
+        0 => false,
+        RSV1 if deflate && matches!(h.opcode, TEXT | BINARY) => true,
+        RSV1 if deflate => {
+            return refuse(ReadError::Protocol(
+                "RSV1 on a control or continuation frame",
+            ));
+        }
+        _ => return refuse(ReadError::Protocol("reserved bits set")),
+    };
     let Some(key) = h.mask else {
         return refuse(ReadError::Protocol("client frames must be masked"));
     };
@@ -526,6 +593,7 @@ fn parse_frame(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, (ReadEr
     Ok(Some((
         Frame {
             fin: h.fin,
+            compressed,
             opcode: h.opcode,
             payload,
         },
@@ -793,6 +861,100 @@ mod tests {
         assert_eq!(whole(&out, written), b"ail");
         consume(&mut out, &mut written, 3);
         assert!(out.is_empty());
+    }
+
+    /// A client frame with RSV1 set.
+    fn rsv1_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = client_frame(fin, opcode, payload);
+        f[0] |= 0x40;
+        f
+    }
+
+    fn parse_deflate(bytes: &[u8]) -> Result<Vec<Incoming>, ReadError> {
+        let mut d = Decoder {
+            deflate: true,
+            ..decoder(bytes)
+        };
+        let mut out = Vec::new();
+        d.parse(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_message_where_negotiated() {
+        let text = "{\"type\":\"subscribe\"} ".repeat(40);
+        let packed = deflate::compress(text.as_bytes(), 6).expect("smaller");
+        let want = [Incoming::Text(text.clone())];
+        // Whole, and fragmented with RSV1 on the first frame only.
+        assert_eq!(parse_deflate(&rsv1_frame(true, TEXT, &packed)).expect("valid"), want);
+        let (a, b) = packed.split_at(packed.len() / 2);
+        let mut split = rsv1_frame(false, TEXT, a);
+        split.extend(client_frame(true, PING, b"p"));
+        split.extend(client_frame(true, CONTINUATION, b));
+        assert_eq!(
+            parse_deflate(&split).expect("valid"),
+            [Incoming::Ping(Bytes::from_static(b"p")), want[0].clone()]
+        );
+        // Uncompressed messages stay allowed.
+        assert_eq!(
+            parse_deflate(&client_frame(true, TEXT, b"plain")).expect("valid"),
+            [Incoming::Text("plain".into())]
+        );
+        // Not negotiated: RSV1 is a reserved bit like the others.
+        assert!(matches!(
+            parse_all(&rsv1_frame(true, TEXT, &packed)),
+            Err(ReadError::Protocol(_))
+        ));
+        // On a continuation, a control frame, or RSV2/RSV3: refused.
+        let mut on_continuation = client_frame(false, TEXT, b"a");
+        on_continuation.extend(rsv1_frame(true, CONTINUATION, b"b"));
+        let mut rsv2 = client_frame(true, TEXT, b"x");
+        rsv2[0] |= 0x20;
+        let mut rsv3 = rsv1_frame(true, TEXT, &packed);
+        rsv3[0] |= 0x10;
+        for (case, bytes) in [
+            ("continuation", on_continuation),
+            ("ping", rsv1_frame(true, PING, b"")),
+            ("close", rsv1_frame(true, CLOSE, &[0x03, 0xe8])),
+            ("rsv2", rsv2),
+            ("rsv1+rsv3", rsv3),
+        ] {
+            assert!(
+                matches!(parse_deflate(&bytes), Err(ReadError::Protocol(_))),
+                "{case}"
+            );
+        }
+        // Compressed data that is not DEFLATE, or not UTF-8 once inflated.
+        assert!(matches!(
+            parse_deflate(&rsv1_frame(true, TEXT, &[0xff, 0xff])),
+            Err(ReadError::Protocol(_))
+        ));
+        let not_utf8 = deflate::compress(&[0xff; 200], 6).expect("smaller");
+        assert!(matches!(
+            parse_deflate(&rsv1_frame(true, TEXT, &not_utf8)),
+            Err(ReadError::InvalidUtf8)
+        ));
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_too_large() {
+        let bomb = deflate::compress(&vec![b' '; 1 << 20], 9).expect("smaller");
+        assert!(bomb.len() < 16 * 1024);
+        assert!(matches!(
+            parse_deflate(&rsv1_frame(true, TEXT, &bomb)),
+            Err(ReadError::TooLarge)
+        ));
+        // The compressed frame itself is limited too.
+        let big = rsv1_frame(true, TEXT, &vec![0; 16 * 1024 + 1]);
+        assert!(matches!(parse_deflate(&big), Err(ReadError::TooLarge)));
+    }
+
+    #[test]
+    fn a_deflated_frame_sets_rsv1() {
+        let f = OutFrame::deflated_parts(Bytes::from_static(b"ab"), Bytes::from_static(b"c"));
+        assert_eq!(f.header[..2], [0xc1, 3]);
+        assert_eq!(OutFrame::deflated(Bytes::from_static(b"a")).header[0], 0xc1);
+        assert_eq!(OutFrame::text(Bytes::from_static(b"a")).header[0], 0x81);
     }
 
     #[test]
