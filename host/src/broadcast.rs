@@ -165,7 +165,13 @@ impl<'v> Delivery<'v> {
     /// Queues one position for one subscriber: the message shared by the
     /// topic (or audience), compressed once for those that negotiated
     /// permessage-deflate.
-    fn push(&mut self, outbox: &'v Arc<Outbox>, topic: TopicIdx, position: Queued, msg: &mut Packed) {
+    fn push(
+        &mut self,
+        outbox: &'v Arc<Outbox>,
+        topic: TopicIdx,
+        position: Queued,
+        msg: &mut Packed,
+    ) {
         let tally = &mut self.tally;
         let msg = msg.for_connection(outbox.deflate(), self.deflate_min, |i, o| {
             tally.deflate_in += i as u64;
@@ -429,7 +435,8 @@ impl Broadcaster {
             let (msg, ts) = match d {
                 Decided::Drop => continue,
                 Decided::Pass => {
-                    let same = matches!(&shared, Some((r, idx, _)) if *r == p.record && *idx == topic.idx);
+                    let same =
+                        matches!(&shared, Some((r, idx, _)) if *r == p.record && *idx == topic.idx);
                     if !same {
                         let m = protocol::position(&topic.prefix, &bodies[p.record]);
                         shared = Some((p.record, topic.idx, Packed::new(m)));

@@ -81,7 +81,7 @@ pub struct Config {
 
     /// Messages shorter than this go out uncompressed, even to clients that
     /// negotiated permessage-deflate.
-    #[arg(long, env = "LIVE_WS_DEFLATE_MIN_BYTES", default_value_t = 256)]
+    #[arg(long, env = "LIVE_WS_DEFLATE_MIN_BYTES", default_value_t = 128)]
     pub live_ws_deflate_min_bytes: u32,
 
     /// Directus base URL, e.g. `http://directus:8055`.

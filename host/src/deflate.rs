@@ -492,7 +492,12 @@ mod tests {
     fn a_stored_head_and_a_body_compressed_once_inflate_to_both() {
         let body = json(200);
         let packed = compress(&body, SNAPSHOT_LEVEL).expect("smaller");
-        assert!(packed.len() * 5 < body.len(), "{} of {}", packed.len(), body.len());
+        assert!(
+            packed.len() * 5 < body.len(),
+            "{} of {}",
+            packed.len(),
+            body.len()
+        );
         for head in [
             &b"{\"type\":\"subscribed\",\"topic\":\"event:x\",\"id\":\"1\","[..],
             b"",
@@ -562,7 +567,10 @@ mod tests {
 
     #[test]
     fn invalid_data_is_refused_and_the_inflater_recovers() {
-        assert_eq!(inflate(&[0xff, 0xff, 0xff], 1024), Err(InflateError::Invalid));
+        assert_eq!(
+            inflate(&[0xff, 0xff, 0xff], 1024),
+            Err(InflateError::Invalid)
+        );
         let ok = compress(&json(5), POSITION_LEVEL).expect("smaller");
         assert_eq!(inflate(&ok, 1024).expect("valid"), json(5));
     }
@@ -603,5 +611,99 @@ mod props {
             };
             prop_assert_eq!(inflate(&wire, 1 << 20).expect("valid"), want);
         }
+    }
+}
+
+/// Sizes and times behind `LIVE_WS_DEFLATE_MIN_BYTES` and the levels
+/// (docs/benchmarks.md, "permessage-deflate"); run with
+/// `cargo test --release -p livecast --lib deflate::measure -- --ignored --nocapture`.
+#[cfg(test)]
+mod measure {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// Position bodies of `n` devices spread over an area, as the record
+    /// path writes them.
+    fn bodies(n: u64) -> Vec<Bytes> {
+        (0..n)
+            .map(|d| {
+                let p = format!(
+                    r#"{{"device_id":"35{:013}","timestamp":"2026-05-01T10:{:02}:{:02}.{:03}Z","latitude":{},"longitude":{},"altitude":112,"angle":{},"speed":{},"satellites":11,"priority":0,"attributes":{{"239":1,"240":1,"21":4,"66":{},"24":63,"16":{}}}}}"#,
+                    d * 7919,
+                    d % 60,
+                    (d * 7) % 60,
+                    (d * 389) % 1000,
+                    41.3 + ((d * 7907) % 1000) as f64 * 1.7e-4,
+                    19.8 + ((d * 6011) % 1000) as f64 * 2.3e-4,
+                    (d * 37) % 360,
+                    d % 120,
+                    12000 + d * 3,
+                    1_000_000 + d * 101
+                );
+                crate::record::Position::decode(p.as_bytes())
+                    .expect("valid")
+                    .body()
+            })
+            .collect()
+    }
+
+    fn time<T>(runs: u32, mut f: impl FnMut() -> T) -> (T, f64) {
+        let start = Instant::now();
+        let mut last = f();
+        for _ in 1..runs {
+            last = f();
+        }
+        (last, start.elapsed().as_secs_f64() * 1e6 / f64::from(runs))
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a check; run in release"]
+    fn sizes_and_times() {
+        let all = bodies(500);
+        let prefix = crate::protocol::position_prefix(uuid::Uuid::from_u128(7));
+        let positions: Vec<Bytes> = all
+            .iter()
+            .map(|b| crate::protocol::position(&prefix, b))
+            .collect();
+        let plain: usize = positions.iter().map(Bytes::len).sum();
+        // Each level twice: the first round also warms the caches.
+        for level in [1, 3, 6, 9, 1, 3, 6, 9] {
+            let mut i = 0;
+            let (_, us) = time(5_000, || {
+                i = (i + 1) % positions.len();
+                compress(&positions[i], level)
+            });
+            let packed: usize = positions
+                .iter()
+                .map(|p| compress(p, level).map_or(p.len(), |c| c.len()))
+                .sum();
+            println!(
+                "level {level}: a position {} -> {} bytes on average, {us:.1} us",
+                plain / positions.len(),
+                packed / positions.len()
+            );
+        }
+        let body = crate::protocol::snapshot_body(all.iter().map(|b| &b[..]));
+        for level in [1, 3, 6, 9] {
+            let (packed, us) = time(20, || compress(&body, level).expect("smaller"));
+            println!(
+                "level {level}: a 500-device snapshot body {} -> {} bytes ({:.1}x), {:.2} ms",
+                body.len(),
+                packed.len(),
+                body.len() as f64 / packed.len() as f64,
+                us / 1000.0
+            );
+        }
+        let one = &positions[1];
+        for len in [64, 96, 128, 160, 192, one.len()] {
+            let head = &one[..len.min(one.len())];
+            let out = compress(head, POSITION_LEVEL).map_or(head.len(), |c| c.len());
+            println!("the first {} bytes of a position -> {out}", head.len());
+        }
+        let mut wire = stored(b"{\"type\":\"subscribed\",\"topic\":\"event:x\",").to_vec();
+        wire.extend_from_slice(&compress(&body, SNAPSHOT_LEVEL).expect("smaller"));
+        let (_, us) = time(200, || inflate(&wire, 1 << 20).expect("valid"));
+        println!("inflating that snapshot: {us:.0} us");
     }
 }

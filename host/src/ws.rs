@@ -403,9 +403,12 @@ impl Decoder {
             TEXT | BINARY if self.fragmented.is_some() => {
                 return Err(ReadError::Protocol("a new message inside a fragmented one"));
             }
-            TEXT | BINARY if f.fin => {
-                out.push(message(f.opcode, f.payload, f.compressed, self.max_message)?)
-            }
+            TEXT | BINARY if f.fin => out.push(message(
+                f.opcode,
+                f.payload,
+                f.compressed,
+                self.max_message,
+            )?),
             TEXT | BINARY => {
                 self.fragmented = Some(f.opcode);
                 self.compressed = f.compressed;
@@ -886,7 +889,10 @@ mod tests {
         let packed = deflate::compress(text.as_bytes(), 6).expect("smaller");
         let want = [Incoming::Text(text.clone())];
         // Whole, and fragmented with RSV1 on the first frame only.
-        assert_eq!(parse_deflate(&rsv1_frame(true, TEXT, &packed)).expect("valid"), want);
+        assert_eq!(
+            parse_deflate(&rsv1_frame(true, TEXT, &packed)).expect("valid"),
+            want
+        );
         let (a, b) = packed.split_at(packed.len() / 2);
         let mut split = rsv1_frame(false, TEXT, a);
         split.extend(client_frame(true, PING, b"p"));
