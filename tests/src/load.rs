@@ -46,12 +46,16 @@ pub struct Scenario {
     /// Records per second published, all devices together (0: idle).
     pub rate: u32,
     pub duration: Duration,
+    /// Every client negotiates permessage-deflate (as browsers do) and
+    /// inflates what comes compressed.
+    pub deflate: bool,
 }
 
 /// The result of one scenario.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub scenario: String,
+    pub deflate: bool,
     pub clients: usize,
     pub stuck_clients: usize,
     pub connections_held: usize,
@@ -78,6 +82,9 @@ pub struct Report {
     pub host_cpu_us_per_delivery: f64,
     /// Socket writes the host made (0 for a host without the counter).
     pub host_socket_writes: u64,
+    /// Bytes the clients read off their sockets, per delivery received
+    /// (frames, compressed or not, and the snapshots).
+    pub wire_bytes_per_delivery: f64,
     pub conflated: u64,
     pub host_deliveries: u64,
 }
@@ -317,6 +324,8 @@ pub struct Account {
     pub duplicated: u64,
     pub out_of_order: u64,
     pub latency: Option<Histogram<u64>>,
+    /// Bytes read off the socket.
+    pub bytes: u64,
 }
 
 impl Account {
@@ -413,27 +422,48 @@ struct LeanClient {
     buf: Vec<u8>,
     start: usize,
     filled: usize,
+    /// Bytes read off the socket since the upgrade.
+    read: u64,
+    /// Bytes on the wire of the last frame parsed, header included.
+    last_frame: usize,
+    /// With permessage-deflate negotiated: the inflater (reset for every
+    /// message, as the host compresses each on its own) and the message it
+    /// inflated last.
+    inflater: Option<(flate2::Decompress, Vec<u8>)>,
 }
+
+/// What a browser offers.
+const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
 
 /// A frame the harness cares about.
 enum ServerFrame {
     Text(std::ops::Range<usize>),
+    /// A compressed text message (RSV1): inflate it with
+    /// [`LeanClient::inflate`].
+    Deflated(std::ops::Range<usize>),
     Ping(Vec<u8>),
     Close,
     Other,
 }
 
 impl LeanClient {
-    async fn connect(addr: SocketAddr, path: &str, stuck: bool) -> anyhow::Result<Self> {
-        Self::connect_with(addr, path, stuck, 64 * 1024).await
+    async fn connect(
+        addr: SocketAddr,
+        path: &str,
+        stuck: bool,
+        deflate: bool,
+    ) -> anyhow::Result<Self> {
+        Self::connect_with(addr, path, stuck, 64 * 1024, deflate).await
     }
 
-    /// Connects with a receive buffer of `buf_len` bytes.
+    /// Connects with a receive buffer of `buf_len` bytes, offering
+    /// permessage-deflate if `deflate` (and failing if the host declines).
     async fn connect_with(
         addr: SocketAddr,
         path: &str,
         stuck: bool,
         buf_len: usize,
+        deflate: bool,
     ) -> anyhow::Result<Self> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let socket = TcpSocket::new_v4()?;
@@ -442,10 +472,15 @@ impl LeanClient {
             socket.set_recv_buffer_size(4096)?;
         }
         let mut stream = socket.connect(addr).await?;
+        let offer = if deflate {
+            format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n")
+        } else {
+            String::new()
+        };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Cookie: directus_session_token={TOKEN}\r\n\r\n"
+             Cookie: directus_session_token={TOKEN}\r\n{offer}\r\n"
         );
         stream.write_all(request.as_bytes()).await?;
         let mut buf = vec![0u8; buf_len];
@@ -466,13 +501,42 @@ impl LeanClient {
                 String::from_utf8_lossy(&buf[..head_end.min(64)])
             );
         }
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let negotiated = head.contains("sec-websocket-extensions: permessage-deflate");
+        if deflate && !negotiated {
+            anyhow::bail!("the host did not negotiate permessage-deflate");
+        }
         buf.copy_within(head_end..n, 0);
         Ok(Self {
             stream,
             buf,
             start: 0,
             filled: n - head_end,
+            read: (n - head_end) as u64,
+            last_frame: 0,
+            inflater: negotiated.then(|| (flate2::Decompress::new(false), Vec::new())),
         })
+    }
+
+    /// The text of a compressed message in `buf[range]` (RFC 7692 §7.2.2).
+    fn inflate(&mut self, range: std::ops::Range<usize>) -> anyhow::Result<&[u8]> {
+        let Some((d, out)) = &mut self.inflater else {
+            anyhow::bail!("RSV1 without permessage-deflate");
+        };
+        d.reset(false);
+        out.clear();
+        for input in [&self.buf[range], &[0x00, 0x00, 0xff, 0xff][..]] {
+            let start = d.total_in();
+            loop {
+                out.reserve(input.len() * 4 + 4096);
+                let done = (d.total_in() - start) as usize;
+                d.decompress_vec(&input[done..], out, flate2::FlushDecompress::Sync)?;
+                if (d.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
@@ -507,7 +571,9 @@ impl LeanClient {
         let (frame, end) = parse_server_frame(&self.buf[self.start..self.filled])?;
         let base = self.start;
         self.start += end;
+        self.last_frame = end;
         Some(match frame {
+            (0x41, r) => ServerFrame::Deflated(base + r.start..base + r.end),
             (0x1, r) => ServerFrame::Text(base + r.start..base + r.end),
             (0x9, r) => ServerFrame::Ping(self.buf[base + r.start..base + r.end].to_vec()),
             (0x8, _) => ServerFrame::Close,
@@ -534,6 +600,7 @@ impl LeanClient {
             anyhow::bail!("closed");
         }
         self.filled += n;
+        self.read += n as u64;
         Ok(())
     }
 }
@@ -599,12 +666,13 @@ impl LeanClient {
             anyhow::bail!("closed");
         }
         self.filled += n;
+        self.read += n as u64;
         Ok(())
     }
 }
 
-/// An unmasked server frame at the start of `b`: (opcode, payload range)
-/// and its total length.
+/// An unmasked server frame at the start of `b`: (opcode, with 0x40 added
+/// for RSV1, payload range) and its total length.
 fn parse_server_frame(b: &[u8]) -> Option<((u8, std::ops::Range<usize>), usize)> {
     let [b0, b1, ..] = *b else { return None };
     let (len, at) = match b1 & 0x7F {
@@ -618,7 +686,7 @@ fn parse_server_frame(b: &[u8]) -> Option<((u8, std::ops::Range<usize>), usize)>
     if b.len() < at + len {
         return None;
     }
-    Some(((b0 & 0x0F, at..at + len), at + len))
+    Some(((b0 & 0x4F, at..at + len), at + len))
 }
 
 /// One harness client: connect, subscribe to every event, then account
@@ -629,10 +697,11 @@ async fn client(
     events: usize,
     devices_per_event: usize,
     stuck: bool,
+    deflate: bool,
     shared: Arc<Shared>,
     opening: tokio::sync::OwnedSemaphorePermit,
 ) -> anyhow::Result<Account> {
-    let mut ws = LeanClient::connect(addr, &path, stuck).await?;
+    let mut ws = LeanClient::connect(addr, &path, stuck, deflate).await?;
     shared.connected.fetch_add(1, Ordering::Relaxed);
     for e in 0..events {
         let frame = format!(
@@ -644,9 +713,15 @@ async fn client(
     let mut account = Account::new(events * devices_per_event);
     let mut pending = events;
     while pending > 0 {
-        match ws.next().await? {
-            ServerFrame::Text(r) => {
-                let t = &ws.buf[r];
+        let frame = ws.next().await?;
+        let t = match frame {
+            ServerFrame::Text(r) => Some(&ws.buf[r]),
+            ServerFrame::Deflated(r) => Some(ws.inflate(r)?),
+            ServerFrame::Close => anyhow::bail!("closed before subscribed"),
+            _ => None,
+        };
+        match t {
+            Some(t) => {
                 if t.starts_with(br#"{"type":"subscribed""#) {
                     pending -= 1;
                 } else if t.starts_with(br#"{"type":"error""#) {
@@ -655,8 +730,7 @@ async fn client(
                     account.position(t, devices_per_event, now_us());
                 }
             }
-            ServerFrame::Close => anyhow::bail!("closed before subscribed"),
-            _ => {}
+            None => {}
         }
     }
     shared.subscribed.fetch_add(1, Ordering::Relaxed);
@@ -667,6 +741,10 @@ async fn client(
         }
         return Ok(account);
     }
+    let done = |mut account: Account, ws: &LeanClient| {
+        account.bytes = ws.read;
+        Ok(account)
+    };
     loop {
         // Every frame one read brought, then one wait for the next read (a
         // timer per read, not per frame: the client must not cost more per
@@ -676,6 +754,10 @@ async fn client(
                 ServerFrame::Text(r) => {
                     account.position(&ws.buf[r], devices_per_event, now_us());
                 }
+                ServerFrame::Deflated(r) => {
+                    let t = ws.inflate(r)?;
+                    account.position(t, devices_per_event, now_us());
+                }
                 ServerFrame::Ping(payload) => {
                     // Answer as a browser would, or the host drops a silent
                     // client.
@@ -684,14 +766,14 @@ async fn client(
                     f.extend_from_slice(&payload);
                     ws.stream.write_all(&f).await?;
                 }
-                ServerFrame::Close => return Ok(account),
+                ServerFrame::Close => return done(account, &ws),
                 ServerFrame::Other => {}
             }
         }
         match tokio::time::timeout(Duration::from_millis(100), ws.fill()).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return Ok(account),
-            Err(_) if shared.stop.load(Ordering::Relaxed) => return Ok(account),
+            Ok(Err(_)) => return done(account, &ws),
+            Err(_) if shared.stop.load(Ordering::Relaxed) => return done(account, &ws),
             Err(_) => {}
         }
     }
@@ -831,8 +913,9 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
         let path = "/ws-live".to_owned();
         let (events, dpe) = (s.events, s.devices_per_event);
         let stuck = i < s.stuck_clients;
+        let deflate = s.deflate;
         tasks.push(tokio::spawn(async move {
-            let r = client(addr, path, events, dpe, stuck, shared2, permit).await;
+            let r = client(addr, path, events, dpe, stuck, deflate, shared2, permit).await;
             if let Err(e) = &r {
                 eprintln!("client {i}: {e:#}");
             }
@@ -889,6 +972,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut r = Report {
         scenario: s.name.clone(),
+        deflate: s.deflate,
         clients: s.clients,
         stuck_clients: s.stuck_clients,
         connections_held: shared.connected.load(Ordering::Relaxed) as usize,
@@ -906,6 +990,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
     };
     r.rss_bytes_per_connection =
         (rss_with.saturating_sub(rss_before) * 1024) as f64 / s.clients.max(1) as f64;
+    let mut wire_bytes = 0;
     for (i, task) in tasks.into_iter().enumerate() {
         let account = task.await??;
         if i < s.stuck_clients {
@@ -916,6 +1001,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
         r.duplicated += account.duplicated;
         r.out_of_order += account.out_of_order;
         r.lost += account.lost(&published);
+        wire_bytes += account.bytes;
         if let Some(h) = &account.latency {
             latency.add(h)?;
         }
@@ -923,6 +1009,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
     r.host_rss_kib_end = host.rss_kib();
     r.deliveries_per_s = r.deliveries_received as f64 / seconds;
     if r.deliveries_received > 0 {
+        r.wire_bytes_per_delivery = wire_bytes as f64 / r.deliveries_received as f64;
         r.host_cpu_us_per_delivery = cpu * 1e6 / r.deliveries_received as f64;
     }
     if !latency.is_empty() {
@@ -1123,7 +1210,7 @@ async fn storm_client(
     use tokio::io::AsyncWriteExt;
     let mut tries = 0;
     let mut ws = loop {
-        match LeanClient::connect_with(addr, "/ws-live", false, 4096).await {
+        match LeanClient::connect_with(addr, "/ws-live", false, 4096, false).await {
             Ok(ws) => break ws,
             Err(_) if tries < 20 => {
                 tries += 1;
@@ -1218,6 +1305,51 @@ pub async fn snapshot_latency(
     let _ = devices_per_event;
     host.stop().await;
     Ok((times, size))
+}
+
+/// One `subscribed` to event `event` on the wire, in bytes, header
+/// included, without and with permessage-deflate; and its entries.
+pub async fn subscribed_size(t: &Target, event: usize) -> anyhow::Result<(usize, usize, usize)> {
+    let directus = standin([event_id(event)]).await?;
+    let host = HostProcess::start(t, &directus, &[]).await?;
+    let addr: SocketAddr = host
+        .ws_url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws-live")
+        .parse()?;
+    let topic = format!("event:{}", event_id(event));
+    let mut sizes = [0; 2];
+    let mut entries = [0; 2];
+    for (i, deflate) in [false, true].into_iter().enumerate() {
+        let mut ws = LeanClient::connect(addr, "/ws-live", false, deflate).await?;
+        ws.send_text(&format!(
+            r#"{{"type":"subscribe","topic":"{topic}","id":"s"}}"#
+        ))
+        .await?;
+        loop {
+            let frame = ws.next().await?;
+            let wire = ws.last_frame;
+            let text = match frame {
+                ServerFrame::Text(r) => &ws.buf[r],
+                ServerFrame::Deflated(r) => ws.inflate(r)?,
+                ServerFrame::Close => anyhow::bail!("closed before subscribed"),
+                _ => continue,
+            };
+            if text.starts_with(br#"{"type":"subscribed""#) {
+                sizes[i] = wire;
+                entries[i] = text.windows(10).filter(|w| w == b"\"deviceId\"").count();
+                break;
+            }
+            if text.starts_with(br#"{"type":"error""#) {
+                anyhow::bail!("{}", String::from_utf8_lossy(text));
+            }
+        }
+    }
+    host.stop().await;
+    if entries[0] != entries[1] {
+        anyhow::bail!("{} entries plain, {} inflated", entries[0], entries[1]);
+    }
+    Ok((sizes[0], sizes[1], entries[0]))
 }
 
 /// Fills `positions` to at least `rows` rows for event `event`'s devices
@@ -1321,14 +1453,18 @@ pub fn storm_line(r: &StormReport) -> String {
 pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>9}\n",
+        "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>9} {:>6}\n",
         "scenario", "clients", "stuck", "rate", "published", "expected", "received", "lost", "dup", "deliv/s",
-        "p50 us", "p99 us", "p999 us", "max us", "rss KiB", "peak KiB", "B/conn", "cpu %", "us/dlv", "conflated"
+        "p50 us", "p99 us", "p999 us", "max us", "rss KiB", "peak KiB", "B/conn", "cpu %", "us/dlv", "conflated", "B/dlv"
     ));
     for r in reports {
         out.push_str(&format!(
-            "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8.0} {:>6.0} {:>7.2} {:>9}\n",
-            r.scenario,
+            "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8.0} {:>6.0} {:>7.2} {:>9} {:>6.0}\n",
+            if r.deflate {
+                format!("{}+deflate", r.scenario)
+            } else {
+                r.scenario.clone()
+            },
             r.clients,
             r.stuck_clients,
             r.rate,
@@ -1347,7 +1483,8 @@ pub fn table(reports: &[Report]) -> String {
             r.rss_bytes_per_connection,
             r.host_cpu_percent,
             r.host_cpu_us_per_delivery,
-            r.conflated
+            r.conflated,
+            r.wire_bytes_per_delivery
         ));
     }
     out
