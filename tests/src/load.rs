@@ -694,14 +694,13 @@ fn parse_server_frame(b: &[u8]) -> Option<((u8, std::ops::Range<usize>), usize)>
 async fn client(
     addr: SocketAddr,
     path: String,
-    events: usize,
-    devices_per_event: usize,
+    s: Arc<Scenario>,
     stuck: bool,
-    deflate: bool,
     shared: Arc<Shared>,
     opening: tokio::sync::OwnedSemaphorePermit,
 ) -> anyhow::Result<Account> {
-    let mut ws = LeanClient::connect(addr, &path, stuck, deflate).await?;
+    let (events, devices_per_event) = (s.events, s.devices_per_event);
+    let mut ws = LeanClient::connect(addr, &path, stuck, s.deflate).await?;
     shared.connected.fetch_add(1, Ordering::Relaxed);
     for e in 0..events {
         let frame = format!(
@@ -720,17 +719,14 @@ async fn client(
             ServerFrame::Close => anyhow::bail!("closed before subscribed"),
             _ => None,
         };
-        match t {
-            Some(t) => {
-                if t.starts_with(br#"{"type":"subscribed""#) {
-                    pending -= 1;
-                } else if t.starts_with(br#"{"type":"error""#) {
-                    anyhow::bail!("subscribe refused: {}", String::from_utf8_lossy(t));
-                } else {
-                    account.position(t, devices_per_event, now_us());
-                }
+        if let Some(t) = t {
+            if t.starts_with(br#"{"type":"subscribed""#) {
+                pending -= 1;
+            } else if t.starts_with(br#"{"type":"error""#) {
+                anyhow::bail!("subscribe refused: {}", String::from_utf8_lossy(t));
+            } else {
+                account.position(t, devices_per_event, now_us());
             }
-            None => {}
         }
     }
     shared.subscribed.fetch_add(1, Ordering::Relaxed);
@@ -904,6 +900,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
         .trim_start_matches("ws://")
         .trim_end_matches("/ws-live")
         .parse()?;
+    let scenario = Arc::new(s.clone());
     // Open connections a few hundred at a time (the listen backlog is finite).
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = Vec::with_capacity(s.clients);
@@ -911,11 +908,10 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
         let permit = gate.clone().acquire_owned().await?;
         let shared2 = shared.clone();
         let path = "/ws-live".to_owned();
-        let (events, dpe) = (s.events, s.devices_per_event);
+        let scenario = scenario.clone();
         let stuck = i < s.stuck_clients;
-        let deflate = s.deflate;
         tasks.push(tokio::spawn(async move {
-            let r = client(addr, path, events, dpe, stuck, deflate, shared2, permit).await;
+            let r = client(addr, path, scenario, stuck, shared2, permit).await;
             if let Err(e) = &r {
                 eprintln!("client {i}: {e:#}");
             }
