@@ -165,13 +165,7 @@ impl<'v> Delivery<'v> {
     /// Queues one position for one subscriber: the message shared by the
     /// topic (or audience), compressed once for those that negotiated
     /// permessage-deflate.
-    fn push(
-        &mut self,
-        outbox: &'v Arc<Outbox>,
-        topic: TopicIdx,
-        position: Queued,
-        msg: &mut Packed,
-    ) {
+    fn push(&mut self, outbox: &'v Arc<Outbox>, topic: TopicIdx, position: Queued, msg: &Packed) {
         let tally = &mut self.tally;
         let msg = msg.for_connection(outbox.deflate(), self.deflate_min, |i, o| {
             tally.deflate_in += i as u64;
@@ -341,14 +335,14 @@ impl Broadcaster {
         let registry = self.registry.view();
         let mut out = Delivery::new(self.deflate_min);
         let routing = each_route(records, observed, devices, &registry, |i, device, topic| {
-            let mut msg = Packed::new(protocol::position(&topic.prefix, &bodies[i]));
+            let msg = Packed::new(protocol::position(&topic.prefix, &bodies[i]));
             let position = Queued {
                 device,
                 ts: records[i].position.ts_ms,
                 floor: Floor::Skip,
             };
             for outbox in topic.subscribers() {
-                out.push(outbox, topic.idx, position, &mut msg);
+                out.push(outbox, topic.idx, position, &msg);
             }
         });
         out.tally(routing).finish(&self.metrics);
@@ -431,7 +425,7 @@ impl Broadcaster {
             };
             // Every position of an audience keeps a floor here: a plugin may
             // pass one record and give an older (delayed) one for the next.
-            let mut replaced;
+            let replaced;
             let (msg, ts) = match d {
                 Decided::Drop => continue,
                 Decided::Pass => {
@@ -441,14 +435,14 @@ impl Broadcaster {
                         let m = protocol::position(&topic.prefix, &bodies[p.record]);
                         shared = Some((p.record, topic.idx, Packed::new(m)));
                     }
-                    let Some((_, _, msg)) = &mut shared else {
+                    let Some((_, _, msg)) = &shared else {
                         continue;
                     };
                     (msg, records[p.record].position.ts_ms)
                 }
                 Decided::Replace(r) => {
                     replaced = Packed::new(protocol::position(&topic.prefix, &r.position.body()));
-                    (&mut replaced, r.position.ts_ms)
+                    (&replaced, r.position.ts_ms)
                 }
             };
             let position = Queued {
@@ -587,12 +581,18 @@ impl Broadcaster {
                     Decided::Drop => None,
                     Decided::Pass => Some(CatchUp {
                         ts_ms: latest.ts_ms,
-                        msg: protocol::position(&snapshot.prefix, &latest.body),
+                        msg: Arc::new(Packed::new(protocol::position(
+                            &snapshot.prefix,
+                            &latest.body,
+                        ))),
                         floor,
                     }),
                     Decided::Replace(r) => Some(CatchUp {
                         ts_ms: r.position.ts_ms,
-                        msg: protocol::position(&snapshot.prefix, &r.position.body()),
+                        msg: Arc::new(Packed::new(protocol::position(
+                            &snapshot.prefix,
+                            &r.position.body(),
+                        ))),
                         floor: Floor::Keep,
                     }),
                 };
@@ -607,9 +607,16 @@ impl Broadcaster {
     /// it was one to send.
     fn push_catch_up(&self, job: &ServeJob, device: DeviceIdx, made: Option<CatchUp>) -> bool {
         let Some(c) = made else { return false };
+        // Compressed once per audience too, shared like the plain message.
+        let msg = c
+            .msg
+            .for_connection(job.outbox.deflate(), self.deflate_min, |i, o| {
+                self.metrics.deflate_in_bytes.inc_by(i as u64);
+                self.metrics.deflate_out_bytes.inc_by(o as u64);
+            });
         let pushed = job
             .outbox
-            .push_position(job.topic, device, c.ts_ms, &c.msg, c.floor);
+            .push_position(job.topic, device, c.ts_ms, msg, c.floor);
         matches!(pushed, Pushed::Queued { .. } | Pushed::Conflated)
     }
 

@@ -24,6 +24,7 @@
 //! are (RSV1 clear): the extension lets every message choose.
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
@@ -294,17 +295,18 @@ pub fn stored(head: &[u8]) -> Bytes {
 /// A message shared by many connections, and its compressed form, made the
 /// first time a connection that negotiated permessage-deflate needs it (so a
 /// topic without such subscribers never pays for it).
+#[derive(Debug)]
 pub struct Packed {
     plain: Bytes,
-    /// `None`: not tried yet; `Some(None)`: too short, or did not shrink.
-    deflated: Option<Option<Bytes>>,
+    /// Unset: not tried yet; `None`: too short, or did not shrink.
+    deflated: OnceLock<Option<Bytes>>,
 }
 
 impl Packed {
     pub fn new(plain: Bytes) -> Self {
         Self {
             plain,
-            deflated: None,
+            deflated: OnceLock::new(),
         }
     }
 
@@ -312,7 +314,7 @@ impl Packed {
     /// permessage-deflate (`deflate`) and the message is at least `min`
     /// bytes and shrinks. `compressed(in, out)` is called when it is made.
     pub fn for_connection(
-        &mut self,
+        &self,
         deflate: bool,
         min: usize,
         compressed: impl FnOnce(usize, usize),
@@ -321,7 +323,7 @@ impl Packed {
             return Message::from(&self.plain);
         }
         let plain = &self.plain;
-        let made = self.deflated.get_or_insert_with(|| {
+        let made = self.deflated.get_or_init(|| {
             let made = compress(plain, POSITION_LEVEL);
             if let Some(c) = &made {
                 compressed(plain.len(), c.len());
@@ -528,7 +530,7 @@ mod tests {
     #[test]
     fn a_shared_message_is_compressed_once_and_only_when_asked() {
         let msg = Bytes::from(json(3));
-        let mut p = Packed::new(msg.clone());
+        let p = Packed::new(msg.clone());
         let mut made = 0;
         let m = p.for_connection(false, 0, |_, _| made += 1);
         assert!(!m.deflated && m.bytes == &msg);
@@ -542,7 +544,7 @@ mod tests {
         assert_eq!(made, 1);
         assert_eq!(reference_inflate(&first), json(3));
         // What does not shrink goes out plain, and is not tried again.
-        let mut tiny = Packed::new(Bytes::from_static(b"{}"));
+        let tiny = Packed::new(Bytes::from_static(b"{}"));
         assert!(!tiny.for_connection(true, 0, |_, _| made += 1).deflated);
         assert!(!tiny.for_connection(true, 0, |_, _| made += 1).deflated);
         assert_eq!(made, 1);

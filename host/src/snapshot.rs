@@ -32,7 +32,7 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use uuid::Uuid;
 
-use crate::deflate;
+use crate::deflate::{self, Packed};
 use crate::ids::DeviceIdx;
 use crate::outbox::{Covered, Floor};
 use crate::protocol;
@@ -166,7 +166,9 @@ pub struct View {
 #[derive(Debug, Clone)]
 pub struct CatchUp {
     pub ts_ms: i64,
-    pub msg: Bytes,
+    /// Shared with the other subscribers of the audience, and so is its
+    /// compressed form.
+    pub msg: Arc<Packed>,
     pub floor: Floor,
 }
 
