@@ -2,7 +2,9 @@
 //! connection.
 //!
 //! The host accepts a client's offer only as
-//! `permessage-deflate; server_no_context_takeover; client_no_context_takeover`:
+//! `permessage-deflate; server_no_context_takeover; client_no_context_takeover`
+//! (with `server_max_window_bits=15` when the offer names it, as §7.1.2.1
+//! requires):
 //!
 //! - *server_no_context_takeover*: no message refers back to an earlier
 //!   one, so a message compressed once is valid on every connection that
@@ -34,6 +36,10 @@ use crate::outbox::Message;
 /// The `Sec-WebSocket-Extensions` value of an accepted offer.
 pub const RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+/// The same for an offer with `server_max_window_bits`, which the response
+/// must repeat (§7.1.2.1); 15 is the only value the host accepts.
+const RESPONSE_WINDOW: &str = "permessage-deflate; server_no_context_takeover; \
+     client_no_context_takeover; server_max_window_bits=15";
 
 /// What every sync-flushed message ends with, left off on the wire
 /// (RFC 7692 §7.2.1) and put back before inflating (§7.2.2).
@@ -46,19 +52,19 @@ pub const POSITION_LEVEL: u32 = 1;
 /// audience, and the largest messages by far.
 pub const SNAPSHOT_LEVEL: u32 = 6;
 
-/// Whether one of the client's offers (the values of every
-/// `Sec-WebSocket-Extensions` header of the request) is a permessage-deflate
-/// offer the host can honour. An offer it cannot (a parameter it does not
-/// know, a value out of range, `server_max_window_bits` under 15: the
-/// compressor always uses a 32 KiB window) is declined, and the next one
-/// considered; malformed headers offer nothing.
-pub fn accepts<'a>(headers: impl IntoIterator<Item = &'a [u8]>) -> bool {
-    headers.into_iter().any(|h| {
-        std::str::from_utf8(h)
-            .ok()
-            .and_then(parse_extensions)
-            .is_some_and(|offers| offers.iter().any(honourable))
-    })
+/// The `Sec-WebSocket-Extensions` response to the client's offers (the
+/// values of every `Sec-WebSocket-Extensions` header of the request, in
+/// order): the first permessage-deflate offer the host can honour, if any.
+/// An offer it cannot (a parameter it does not know, a value out of range,
+/// `server_max_window_bits` under 15: the compressor always uses a 32 KiB
+/// window) is declined, and the next one considered; a malformed header
+/// offers nothing.
+pub fn negotiate<'a>(headers: impl IntoIterator<Item = &'a [u8]>) -> Option<&'static str> {
+    headers
+        .into_iter()
+        .filter_map(|h| std::str::from_utf8(h).ok().and_then(parse_extensions))
+        .flatten()
+        .find_map(|offer| honour(&offer))
 }
 
 /// One offered extension: its name and parameters, values unquoted.
@@ -68,16 +74,17 @@ struct Offer {
     params: Vec<(String, Option<String>)>,
 }
 
-fn honourable(offer: &Offer) -> bool {
+/// The response to one offer, if the host can honour it.
+fn honour(offer: &Offer) -> Option<&'static str> {
     if !offer.name.eq_ignore_ascii_case("permessage-deflate") {
-        return false;
+        return None;
     }
     let mut seen: Vec<String> = Vec::new();
     for (name, value) in &offer.params {
         let name = name.to_ascii_lowercase();
         // A parameter given twice makes the offer invalid (§7).
         if seen.contains(&name) {
-            return false;
+            return None;
         }
         let ok = match (name.as_str(), value.as_deref()) {
             ("server_no_context_takeover" | "client_no_context_takeover", None) => true,
@@ -89,11 +96,15 @@ fn honourable(offer: &Offer) -> bool {
             _ => false,
         };
         if !ok {
-            return false;
+            return None;
         }
         seen.push(name);
     }
-    true
+    if seen.iter().any(|p| p == "server_max_window_bits") {
+        Some(RESPONSE_WINDOW)
+    } else {
+        Some(RESPONSE)
+    }
 }
 
 /// 8 to 15, written without leading zeros (§7.1.2.1).
@@ -400,7 +411,7 @@ mod tests {
     use super::*;
 
     fn offers(h: &str) -> bool {
-        accepts([h.as_bytes()])
+        negotiate([h.as_bytes()]).is_some()
     }
 
     #[test]
@@ -444,8 +455,39 @@ mod tests {
             assert!(!offers(h), "{h}");
         }
         // Offers spread over several header lines.
-        assert!(accepts([&b"foo"[..], b"permessage-deflate"]));
-        assert!(!accepts([&b"foo"[..], &[0xff][..]]));
+        assert_eq!(
+            negotiate([&b"foo"[..], b"permessage-deflate"]),
+            Some(RESPONSE)
+        );
+        assert_eq!(negotiate([&b"foo"[..], &[0xff][..]]), None);
+    }
+
+    #[test]
+    fn a_window_the_client_names_is_repeated_and_the_first_offer_wins() {
+        let h = |s: &str| negotiate([s.as_bytes()]);
+        assert_eq!(
+            h("permessage-deflate; server_max_window_bits=15"),
+            Some(RESPONSE_WINDOW)
+        );
+        assert_eq!(
+            h("permessage-deflate; client_max_window_bits"),
+            Some(RESPONSE)
+        );
+        assert_eq!(
+            h("permessage-deflate; server_max_window_bits=\"15\", permessage-deflate"),
+            Some(RESPONSE_WINDOW)
+        );
+        assert_eq!(
+            h("permessage-deflate; server_max_window_bits=12, permessage-deflate"),
+            Some(RESPONSE)
+        );
+        assert_eq!(
+            negotiate([
+                &b"permessage-deflate"[..],
+                b"permessage-deflate; server_max_window_bits=15"
+            ]),
+            Some(RESPONSE)
+        );
     }
 
     #[test]

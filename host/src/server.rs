@@ -559,13 +559,17 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
             .into_response();
     };
     let _in_flight = Counted::new(&shared.metrics.handshakes_in_flight);
-    let deflate = shared.config.live_ws_deflate
-        && deflate::accepts(
+    let extensions = if shared.config.live_ws_deflate {
+        deflate::negotiate(
             req.headers()
                 .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
                 .iter()
                 .map(|v| v.as_bytes()),
-        );
+        )
+    } else {
+        None
+    };
+    let deflate = extensions.is_some();
     let (user, credential) = match auth::authenticate(
         req.headers(),
         &shared.config.live_ws_allowed_origins,
@@ -600,8 +604,8 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key));
-    if deflate {
-        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, deflate::RESPONSE);
+    if let Some(accepted) = extensions {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, accepted);
     }
     response
         .body(Body::empty())
