@@ -31,8 +31,6 @@ use std::sync::OnceLock;
 use bytes::{BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
-use crate::outbox::Message;
-
 /// The `Sec-WebSocket-Extensions` value of an accepted offer.
 pub const RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
@@ -301,6 +299,24 @@ pub fn stored(head: &[u8]) -> Bytes {
         b.put_slice(chunk);
     }
     b.freeze()
+}
+
+/// A position's bytes as one connection is to receive them: the record
+/// path's shared message, or its compressed form for a connection that
+/// negotiated permessage-deflate.
+#[derive(Clone, Copy)]
+pub struct Message<'m> {
+    pub bytes: &'m Bytes,
+    pub deflated: bool,
+}
+
+impl<'m> From<&'m Bytes> for Message<'m> {
+    fn from(bytes: &'m Bytes) -> Self {
+        Self {
+            bytes,
+            deflated: false,
+        }
+    }
 }
 
 /// A message shared by many connections, and its compressed form, made the

@@ -37,6 +37,7 @@ use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::deflate::Message;
 use crate::ids::{DeviceIdx, TopicIdx};
 use crate::ws::{self, OutFrame};
 
@@ -362,24 +363,6 @@ pub enum Flushed {
     Overflow,
     /// The socket failed, or the outbox is closed.
     Gone,
-}
-
-/// A position's bytes as one connection is to receive them: the record
-/// path's shared message, or its compressed form for a connection that
-/// negotiated permessage-deflate (see [`crate::deflate`]).
-#[derive(Clone, Copy)]
-pub struct Message<'m> {
-    pub bytes: &'m Bytes,
-    pub deflated: bool,
-}
-
-impl<'m> From<&'m Bytes> for Message<'m> {
-    fn from(bytes: &'m Bytes) -> Self {
-        Self {
-            bytes,
-            deflated: false,
-        }
-    }
 }
 
 /// Where an outbox writes: the client's socket, and the count of writes
