@@ -754,14 +754,22 @@ mod tests {
 
     impl World {
         fn subscriber(&self, conn: u64, events: &[Uuid]) -> Arc<Outbox> {
-            let o = Arc::new(Outbox::new(
-                crate::outbox::Limits {
-                    control_bytes: 1 << 20,
-                    positions: 64,
-                    flush_interval: std::time::Duration::ZERO,
-                },
-                None,
-            ));
+            self.subscriber_with(conn, events, false)
+        }
+
+        /// A subscriber that negotiated permessage-deflate, or not.
+        fn subscriber_with(&self, conn: u64, events: &[Uuid], deflate: bool) -> Arc<Outbox> {
+            let o = Arc::new(
+                Outbox::new(
+                    crate::outbox::Limits {
+                        control_bytes: 1 << 20,
+                        positions: 64,
+                        flush_interval: std::time::Duration::ZERO,
+                    },
+                    None,
+                )
+                .with_deflate(deflate),
+            );
             for e in events {
                 self.registry
                     .subscribe(*e, conn, &Arc::new(Identity::default()), &o);
@@ -818,6 +826,66 @@ mod tests {
             rest = &rest[at + len..];
         }
         out
+    }
+
+    /// The one frame the outbox would write now: its first byte and payload.
+    fn one_frame(o: &Outbox) -> (u8, Vec<u8>) {
+        let mut wire = Vec::new();
+        o.flush_with(|slices| {
+            let n = slices.iter().map(|s| s.len()).sum();
+            for s in slices {
+                wire.extend_from_slice(s);
+            }
+            Ok::<_, io::Error>(n)
+        });
+        let (len, at) = match wire[1] {
+            126 => (usize::from(u16::from_be_bytes([wire[2], wire[3]])), 4),
+            n => (usize::from(n), 2),
+        };
+        assert_eq!(wire.len(), at + len, "one frame");
+        (wire[0], wire[at..].to_vec())
+    }
+
+    #[test]
+    fn a_position_is_compressed_once_for_the_subscribers_that_negotiated_deflate() {
+        let mut w = world();
+        w.b.deflate_min = 16;
+        let [_, e2] = w.events;
+        let plain = w.subscriber(1, &[e2]);
+        let packed: Vec<_> = (2..5).map(|c| w.subscriber_with(c, &[e2], true)).collect();
+        w.batch(&[("a", 10)]);
+        let (b0, text) = one_frame(&plain);
+        assert_eq!(b0, 0x81, "plain text, RSV1 clear");
+        let frames: Vec<_> = packed.iter().map(|o| one_frame(o)).collect();
+        for (b0, payload) in &frames {
+            assert_eq!(*b0, 0xc1, "RSV1 set");
+            assert_eq!(payload, &frames[0].1);
+        }
+        assert_eq!(
+            crate::deflate::inflate(&frames[0].1, 1 << 16).expect("valid"),
+            text
+        );
+        let m = &w.b.metrics;
+        assert_eq!(
+            m.deflate_in_bytes.get(),
+            text.len() as u64,
+            "compressed once, not per subscriber"
+        );
+        assert_eq!(m.deflate_out_bytes.get(), frames[0].1.len() as u64);
+        // Without a subscriber that negotiated it, nothing is compressed.
+        let mut w = world();
+        w.b.deflate_min = 16;
+        let plain = w.subscriber(1, &[w.events[1]]);
+        w.batch(&[("a", 10)]);
+        assert_eq!(one_frame(&plain).0, 0x81);
+        assert_eq!(w.b.metrics.deflate_in_bytes.get(), 0);
+        // Nor a message under the threshold.
+        let mut w = world();
+        w.b.deflate_min = 10_000;
+        let packed = w.subscriber_with(1, &[w.events[1]], true);
+        w.batch(&[("a", 10)]);
+        assert_eq!(one_frame(&packed).0, 0x81);
+        assert_eq!(w.b.metrics.deflate_in_bytes.get(), 0);
     }
 
     #[test]
