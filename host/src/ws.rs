@@ -1059,9 +1059,20 @@ mod props {
     }
 
     fn encode(fin: bool, opcode: OpCode, payload: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
+        encode_rsv1(fin, false, opcode, payload, mask, out);
+    }
+
+    fn encode_rsv1(
+        fin: bool,
+        rsv1: bool,
+        opcode: OpCode,
+        payload: &[u8],
+        mask: [u8; 4],
+        out: &mut Vec<u8>,
+    ) {
         let header = FrameHeader {
             is_final: fin,
-            rsv1: false,
+            rsv1,
             rsv2: false,
             rsv3: false,
             opcode,
@@ -1136,11 +1147,22 @@ mod props {
     /// Decodes `bytes` as the socket would deliver them, cut at `cuts`: the
     /// messages up to the first error, and that error.
     fn decode(bytes: &[u8], cuts: &[prop::sample::Index], max: usize) -> (Vec<Incoming>, String) {
+        decode_with(bytes, cuts, max, false)
+    }
+
+    /// [`decode`], with permessage-deflate negotiated or not.
+    fn decode_with(
+        bytes: &[u8],
+        cuts: &[prop::sample::Index],
+        max: usize,
+        deflate: bool,
+    ) -> (Vec<Incoming>, String) {
         let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
         ends.push(bytes.len());
         ends.sort_unstable();
         let mut d = Decoder {
             max_message: max,
+            deflate,
             ..Decoder::default()
         };
         let mut out = Vec::new();
@@ -1183,6 +1205,61 @@ mod props {
     }
 
     proptest! {
+        /// Text messages compressed by a client (flate2, level 1 to 9) or
+        /// not, whole or fragmented (RSV1 on the first frame only), with a
+        /// ping between fragments: decoded to their text however the bytes
+        /// are cut; and the same bytes on a connection that did not
+        /// negotiate the extension are a protocol error at the first RSV1.
+        #[test]
+        fn prop_compressed_messages_decode_to_their_text(
+            texts in prop::collection::vec(
+                prop_oneof!["\\PC{0,200}", "[a-d\"{},:0-9]{0,2000}"], 1..4),
+            compress in prop::collection::vec(any::<bool>(), 4),
+            level in 1u32..=9,
+            frags in prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+            mask in any::<[u8; 4]>(),
+            cuts in cuts(),
+        ) {
+            let mut bytes = Vec::new();
+            let mut want = Vec::new();
+            let mut any_rsv1 = false;
+            for (t, c) in texts.iter().zip(&compress) {
+                let packed = c.then(|| {
+                    let mut e = flate2::Compress::new(flate2::Compression::new(level), false);
+                    let mut out = Vec::with_capacity(t.len() + 64);
+                    e.compress_vec(t.as_bytes(), &mut out, flate2::FlushCompress::Sync)
+                        .expect("compress");
+                    out.truncate(out.len() - 4);
+                    out
+                });
+                let rsv1 = packed.is_some();
+                any_rsv1 |= rsv1;
+                let payload = packed.unwrap_or_else(|| t.as_bytes().to_vec());
+                let mut bounds: Vec<usize> =
+                    frags.iter().map(|i| i.index(payload.len() + 1)).collect();
+                bounds.push(0);
+                bounds.push(payload.len());
+                bounds.sort_unstable();
+                for (i, w) in bounds.windows(2).enumerate() {
+                    let last = i + 2 == bounds.len();
+                    let opcode = if i == 0 { OpCode::Data(Data::Text) } else { OpCode::Data(Data::Continue) };
+                    encode_rsv1(last, rsv1 && i == 0, opcode, &payload[w[0]..w[1]], mask, &mut bytes);
+                    if !last {
+                        encode(true, OpCode::Control(Control::Ping), b"", mask, &mut bytes);
+                        want.push(Incoming::Ping(Bytes::new()));
+                    }
+                }
+                want.push(Incoming::Text(t.clone()));
+            }
+            let (got, error) = decode_with(&bytes, &cuts, 16 * 1024, true);
+            prop_assert_eq!(error, "");
+            prop_assert_eq!(got, want);
+            if any_rsv1 {
+                let (_, error) = decode_with(&bytes, &cuts, 16 * 1024, false);
+                prop_assert!(error.starts_with("Protocol"), "{}", error);
+            }
+        }
+
         /// What the reference encoder framed is decoded to the messages sent,
         /// however the bytes are cut.
         #[test]
