@@ -12,8 +12,8 @@
 //! ```
 //!
 //! Options: `--clients=N` (every scenario), `--deflate` (every client of
-//! the scenarios negotiates permessage-deflate, as browsers do: run a
-//! scenario with and without to compare), `--spread-ms=N` (the storm's
+//! the scenarios and of the storm negotiates permessage-deflate, as
+//! browsers do: run a scenario with and without to compare), `--spread-ms=N` (the storm's
 //! connections are opened evenly over that time; default 1000),
 //! `--rows=N` (positions in the snapshot database; default 10,000,000,
 //! fewer for a quick check). `LIVECAST_BENCH_HOST=<binary>` runs another
@@ -178,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
             spread,
             event: SNAPSHOT_EVENT,
             devices: SNAPSHOT_DEVICES,
+            deflate,
         };
         eprintln!(
             "running storm ({} clients over {:?}, {snapshot_rows} rows)",

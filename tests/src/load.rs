@@ -606,7 +606,8 @@ impl LeanClient {
 }
 
 impl LeanClient {
-    /// The next frame's opcode and its first `keep` payload bytes at most;
+    /// The next frame's opcode (0x40 added for RSV1) and its first `keep`
+    /// payload bytes at most;
     /// the rest of the payload is read and dropped, so a client of a storm
     /// counts 150 KB snapshots without holding one.
     async fn next_head(&mut self, keep: usize) -> anyhow::Result<(u8, Vec<u8>)> {
@@ -626,7 +627,7 @@ impl LeanClient {
                         10 => u64::from_be_bytes(b[2..10].try_into()?) as usize,
                         _ => (b[1] & 0x7F) as usize,
                     };
-                    break (b[0] & 0x0F, len, need);
+                    break (b[0] & 0x4F, len, need);
                 }
             }
             self.refill().await?;
@@ -1027,11 +1028,14 @@ pub struct Storm {
     pub spread: Duration,
     pub event: usize,
     pub devices: usize,
+    /// Every client negotiates permessage-deflate, as browsers do.
+    pub deflate: bool,
 }
 
 /// What a storm cost the host.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StormReport {
+    pub deflate: bool,
     pub clients: usize,
     pub spread_ms: u64,
     pub devices: usize,
@@ -1089,6 +1093,7 @@ pub async fn storm(t: &Target, s: &Storm) -> anyhow::Result<StormReport> {
     for i in 0..s.clients {
         let at = started + s.spread.mul_f64(i as f64 / s.clients as f64);
         let (shared, retried) = (shared.clone(), retried.clone());
+        let deflate = s.deflate;
         let subscribe = format!(
             r#"{{"type":"subscribe","topic":"event:{}","id":"storm-{i}"}}"#,
             event_id(s.event)
@@ -1096,7 +1101,7 @@ pub async fn storm(t: &Target, s: &Storm) -> anyhow::Result<StormReport> {
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
             let t0 = Instant::now();
-            let r = storm_client(addr, &subscribe, &shared, &retried, t0).await;
+            let r = storm_client(addr, &subscribe, deflate, &shared, &retried, t0).await;
             if let Err(e) = &r {
                 eprintln!("storm client {i}: {e:#}");
             }
@@ -1135,6 +1140,7 @@ pub async fn storm(t: &Target, s: &Storm) -> anyhow::Result<StormReport> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_after = host.rss_kib();
     let mut r = StormReport {
+        deflate: s.deflate,
         clients: s.clients,
         spread_ms: s.spread.as_millis() as u64,
         devices: s.devices,
@@ -1199,6 +1205,7 @@ fn rss_of(pid: u32) -> u64 {
 async fn storm_client(
     addr: SocketAddr,
     subscribe: &str,
+    deflate: bool,
     shared: &Shared,
     retried: &AtomicU64,
     t0: Instant,
@@ -1206,7 +1213,7 @@ async fn storm_client(
     use tokio::io::AsyncWriteExt;
     let mut tries = 0;
     let mut ws = loop {
-        match LeanClient::connect_with(addr, "/ws-live", false, 4096, false).await {
+        match LeanClient::connect_with(addr, "/ws-live", false, 4096, deflate).await {
             Ok(ws) => break ws,
             Err(_) if tries < 20 => {
                 tries += 1;
@@ -1220,6 +1227,11 @@ async fn storm_client(
     ws.send_text(subscribe).await?;
     loop {
         let (opcode, head) = ws.next_head(64).await?;
+        // A compressed message: its first bytes inflate to its beginning.
+        let (opcode, head) = match opcode & 0x40 {
+            0 => (opcode, head),
+            _ => (opcode & 0x0F, inflate_start(&head)),
+        };
         match opcode {
             0x1 if head.starts_with(br#"{"type":"subscribed""#) => break,
             0x1 if head.starts_with(br#"{"type":"error""#) => {
@@ -1249,6 +1261,15 @@ async fn storm_client(
         }
     }
     Ok(took)
+}
+
+/// What the first bytes of a compressed message inflate to: its beginning.
+fn inflate_start(head: &[u8]) -> Vec<u8> {
+    let mut d = flate2::Decompress::new(false);
+    let mut out = Vec::with_capacity(1024);
+    // Cut short, the input may end inside a block: what came out is enough.
+    let _ = d.decompress_vec(head, &mut out, flate2::FlushDecompress::None);
+    out
 }
 
 /// Subscribe round trips (connect once, subscribe and unsubscribe `n` times)
@@ -1418,11 +1439,16 @@ pub fn save(dir: &Path, name: &str, value: &impl Serialize) -> anyhow::Result<Pa
 /// A storm's report as one line of text.
 pub fn storm_line(r: &StormReport) -> String {
     format!(
-        "storm: {} clients over {} ms, one event of {} devices ({} entries per snapshot): \
+        "storm{}: {} clients over {} ms, one event of {} devices ({} entries per snapshot): \
          {} snapshot queries ({} served from memory), all subscribed after {:.2} s \
          (connect to subscribed p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {} upgrades retried); \
          host RSS {} KiB before, {} KiB peak, {} KiB after: {:.0} B per connection; \
          served query/flight/cache {}/{}/{}, {} catch-up positions",
+        if r.deflate {
+            " with permessage-deflate"
+        } else {
+            ""
+        },
         r.clients,
         r.spread_ms,
         r.devices,
