@@ -24,6 +24,7 @@ use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::deflate::Packed;
 use crate::devices::{DeviceEvents, DeviceMap};
 use crate::filter::{AudienceRef, Chain, Decided, Record};
 use crate::ids::{DeviceIdx, TopicIdx};
@@ -82,6 +83,8 @@ pub struct DeltaJob {
     pub event: uuid::Uuid,
     pub since: i64,
     pub identity: Arc<Identity>,
+    /// The subscriber negotiated permessage-deflate.
+    pub deflate: bool,
     pub reply: oneshot::Sender<Result<Served, Full>>,
 }
 
@@ -111,6 +114,8 @@ pub struct Broadcaster {
     resume_slack_ms: i64,
     /// Larger stream entries are skipped as malformed (`too_large`).
     max_record_bytes: usize,
+    /// Shorter messages are not compressed (`LIVE_WS_DEFLATE_MIN_BYTES`).
+    deflate_min: usize,
     malformed_log: LogLimiter,
     // Reused between batches.
     records: Vec<Record>,
@@ -126,6 +131,8 @@ struct Tally {
     routed: u64,
     deliveries: u64,
     conflated: u64,
+    deflate_in: u64,
+    deflate_out: u64,
 }
 
 impl Tally {
@@ -152,13 +159,15 @@ struct Delivery<'v> {
     tally: Tally,
     /// Outboxes this batch gave their first thing to send.
     dirty: Vec<&'v Arc<Outbox>>,
+    deflate_min: usize,
 }
 
 impl<'v> Delivery<'v> {
-    fn new() -> Self {
+    fn new(deflate_min: usize) -> Self {
         Self {
             tally: Tally::default(),
             dirty: Vec::new(),
+            deflate_min,
         }
     }
 
@@ -170,15 +179,16 @@ impl<'v> Delivery<'v> {
         self
     }
 
-    /// Queues one position for one subscriber.
-    fn push(&mut self, outbox: &'v Arc<Outbox>, topic: TopicIdx, position: Queued<'_>) {
-        let p = outbox.push_position(
-            topic,
-            position.device,
-            position.ts,
-            position.msg,
-            position.floor,
-        );
+    /// Queues one position for one subscriber: the message shared by the
+    /// topic (or audience), compressed once for those that negotiated
+    /// permessage-deflate.
+    fn push(&mut self, outbox: &'v Arc<Outbox>, topic: TopicIdx, position: Queued, msg: &Packed) {
+        let tally = &mut self.tally;
+        let msg = msg.for_connection(outbox.deflate(), self.deflate_min, |i, o| {
+            tally.deflate_in += i as u64;
+            tally.deflate_out += o as u64;
+        });
+        let p = outbox.push_position(topic, position.device, position.ts, msg, position.floor);
         if p == (Pushed::Queued { first: true }) {
             self.dirty.push(outbox);
         }
@@ -200,6 +210,8 @@ impl<'v> Delivery<'v> {
         metrics.records_routed.inc_by(t.routed);
         metrics.deliveries.inc_by(t.deliveries);
         metrics.conflated.inc_by(t.conflated);
+        metrics.deflate_in_bytes.inc_by(t.deflate_in);
+        metrics.deflate_out_bytes.inc_by(t.deflate_out);
         for outbox in self.dirty {
             outbox.wake();
         }
@@ -208,10 +220,9 @@ impl<'v> Delivery<'v> {
 
 /// One position as pushed to each subscriber of a topic.
 #[derive(Clone, Copy)]
-struct Queued<'m> {
+struct Queued {
     device: DeviceIdx,
     ts: i64,
-    msg: &'m Bytes,
     floor: Floor,
 }
 
@@ -244,11 +255,19 @@ impl Broadcaster {
             registry,
             metrics,
             max_record_bytes,
+            deflate_min: usize::MAX,
             malformed_log: LogLimiter::new(Duration::from_secs(10)),
             records: Vec::new(),
             bodies: Vec::new(),
             observed: Vec::new(),
         }
+    }
+
+    /// Compresses messages of at least `min` bytes for the connections that
+    /// negotiated permessage-deflate (none are, without this).
+    pub fn with_deflate_min(mut self, min: usize) -> Self {
+        self.deflate_min = min;
+        self
     }
 
     /// Shares the counter of chain swaps with the snapshots' cache.
@@ -345,17 +364,16 @@ impl Broadcaster {
         devices: &DeviceEvents,
     ) {
         let registry = self.registry.view();
-        let mut out = Delivery::new();
+        let mut out = Delivery::new(self.deflate_min);
         let routing = each_route(records, observed, devices, &registry, |i, device, topic| {
-            let msg = protocol::position(&topic.prefix, &bodies[i]);
+            let msg = Packed::new(protocol::position(&topic.prefix, &bodies[i]));
             let position = Queued {
                 device,
                 ts: records[i].position.ts_ms,
-                msg: &msg,
                 floor: Floor::Skip,
             };
             for outbox in topic.subscribers() {
-                out.push(outbox, topic.idx, position);
+                out.push(outbox, topic.idx, position, &msg);
             }
         });
         out.tally(routing).finish(&self.metrics);
@@ -396,7 +414,9 @@ impl Broadcaster {
             });
         }
         if pairs.is_empty() {
-            Delivery::new().tally(routing).finish(&self.metrics);
+            Delivery::new(self.deflate_min)
+                .tally(routing)
+                .finish(&self.metrics);
             return;
         }
         let refs: Vec<AudienceRef<'_>> = audiences
@@ -425,8 +445,8 @@ impl Broadcaster {
                 Some((topic, group))
             })
             .collect();
-        let mut shared: Option<(usize, u32, Bytes)> = None;
-        let mut out = Delivery::new();
+        let mut shared: Option<(usize, u32, Packed)> = None;
+        let mut out = Delivery::new(self.deflate_min);
         for (p, d) in pairs.iter().zip(decided) {
             if matches!(d, Decided::Drop) {
                 continue;
@@ -436,32 +456,33 @@ impl Broadcaster {
             };
             // Every position of an audience keeps a floor here: a plugin may
             // pass one record and give an older (delayed) one for the next.
+            let replaced;
             let (msg, ts) = match d {
                 Decided::Drop => continue,
                 Decided::Pass => {
-                    let msg = match &shared {
-                        Some((r, idx, m)) if *r == p.record && *idx == topic.idx => m.clone(),
-                        _ => {
-                            let m = protocol::position(&topic.prefix, &bodies[p.record]);
-                            shared = Some((p.record, topic.idx, m.clone()));
-                            m
-                        }
+                    let same =
+                        matches!(&shared, Some((r, idx, _)) if *r == p.record && *idx == topic.idx);
+                    if !same {
+                        let m = protocol::position(&topic.prefix, &bodies[p.record]);
+                        shared = Some((p.record, topic.idx, Packed::new(m)));
+                    }
+                    let Some((_, _, msg)) = &shared else {
+                        continue;
                     };
                     (msg, records[p.record].position.ts_ms)
                 }
-                Decided::Replace(r) => (
-                    protocol::position(&topic.prefix, &r.position.body()),
-                    r.position.ts_ms,
-                ),
+                Decided::Replace(r) => {
+                    replaced = Packed::new(protocol::position(&topic.prefix, &r.position.body()));
+                    (&replaced, r.position.ts_ms)
+                }
             };
             let position = Queued {
                 device: p.device,
                 ts,
-                msg: &msg,
                 floor: Floor::Keep,
             };
             for (_, outbox) in &group.members {
-                out.push(outbox, topic.idx, position);
+                out.push(outbox, topic.idx, position, msg);
             }
         }
         out.tally(routing).finish(&self.metrics);
@@ -550,6 +571,14 @@ impl Broadcaster {
         let delivery = self.chain.has_delivery();
         let audience = delivery.then_some(&*job.identity);
         let view = snapshot.view(audience, |s| self.audience_view(s, &job.identity, delivery));
+        // Compressed here, on the record path, once per view: not on a
+        // connection's task, where concurrent subscribers would each wait.
+        if job.outbox.deflate()
+            && let Some((i, o)) = view.deflate(self.deflate_min)
+        {
+            self.metrics.deflate_in_bytes.inc_by(i as u64);
+            self.metrics.deflate_out_bytes.inc_by(o as u64);
+        }
 
         let devices = self.devices.current();
         let newer = self.latest.newer_than(
@@ -585,12 +614,18 @@ impl Broadcaster {
                     Decided::Drop => None,
                     Decided::Pass => Some(CatchUp {
                         ts_ms: latest.ts_ms,
-                        msg: protocol::position(&snapshot.prefix, &latest.body),
+                        msg: Arc::new(Packed::new(protocol::position(
+                            &snapshot.prefix,
+                            &latest.body,
+                        ))),
                         floor,
                     }),
                     Decided::Replace(r) => Some(CatchUp {
                         ts_ms: r.position.ts_ms,
-                        msg: protocol::position(&snapshot.prefix, &r.position.body()),
+                        msg: Arc::new(Packed::new(protocol::position(
+                            &snapshot.prefix,
+                            &r.position.body(),
+                        ))),
                         floor: Floor::Keep,
                     }),
                 };
@@ -639,6 +674,12 @@ impl Broadcaster {
         let delta = EventSnapshot::new(job.event, entries, false, generation);
         let delivery = self.chain.has_delivery();
         let view = self.audience_view(&delta, &job.identity, delivery);
+        if job.deflate
+            && let Some((i, o)) = view.deflate(self.deflate_min)
+        {
+            self.metrics.deflate_in_bytes.inc_by(i as u64);
+            self.metrics.deflate_out_bytes.inc_by(o as u64);
+        }
         let _ = job.reply.send(Ok(Served {
             view: Arc::new(view),
             caught_up: 0,
@@ -649,9 +690,16 @@ impl Broadcaster {
     /// it was one to send.
     fn push_catch_up(&self, job: &ServeJob, device: DeviceIdx, made: Option<CatchUp>) -> bool {
         let Some(c) = made else { return false };
+        // Compressed once per audience too, shared like the plain message.
+        let msg = c
+            .msg
+            .for_connection(job.outbox.deflate(), self.deflate_min, |i, o| {
+                self.metrics.deflate_in_bytes.inc_by(i as u64);
+                self.metrics.deflate_out_bytes.inc_by(o as u64);
+            });
         let pushed = job
             .outbox
-            .push_position(job.topic, device, c.ts_ms, &c.msg, c.floor);
+            .push_position(job.topic, device, c.ts_ms, msg, c.floor);
         matches!(pushed, Pushed::Queued { .. } | Pushed::Conflated)
     }
 
@@ -789,14 +837,22 @@ mod tests {
 
     impl World {
         fn subscriber(&self, conn: u64, events: &[Uuid]) -> Arc<Outbox> {
-            let o = Arc::new(Outbox::new(
-                crate::outbox::Limits {
-                    control_bytes: 1 << 20,
-                    positions: 64,
-                    flush_interval: std::time::Duration::ZERO,
-                },
-                None,
-            ));
+            self.subscriber_with(conn, events, false)
+        }
+
+        /// A subscriber that negotiated permessage-deflate, or not.
+        fn subscriber_with(&self, conn: u64, events: &[Uuid], deflate: bool) -> Arc<Outbox> {
+            let o = Arc::new(
+                Outbox::new(
+                    crate::outbox::Limits {
+                        control_bytes: 1 << 20,
+                        positions: 64,
+                        flush_interval: std::time::Duration::ZERO,
+                    },
+                    None,
+                )
+                .with_deflate(deflate),
+            );
             for e in events {
                 self.registry
                     .subscribe(*e, conn, &Arc::new(Identity::default()), &o);
@@ -853,6 +909,66 @@ mod tests {
             rest = &rest[at + len..];
         }
         out
+    }
+
+    /// The one frame the outbox would write now: its first byte and payload.
+    fn one_frame(o: &Outbox) -> (u8, Vec<u8>) {
+        let mut wire = Vec::new();
+        o.flush_with(|slices| {
+            let n = slices.iter().map(|s| s.len()).sum();
+            for s in slices {
+                wire.extend_from_slice(s);
+            }
+            Ok::<_, io::Error>(n)
+        });
+        let (len, at) = match wire[1] {
+            126 => (usize::from(u16::from_be_bytes([wire[2], wire[3]])), 4),
+            n => (usize::from(n), 2),
+        };
+        assert_eq!(wire.len(), at + len, "one frame");
+        (wire[0], wire[at..].to_vec())
+    }
+
+    #[test]
+    fn a_position_is_compressed_once_for_the_subscribers_that_negotiated_deflate() {
+        let mut w = world();
+        w.b.deflate_min = 16;
+        let [_, e2] = w.events;
+        let plain = w.subscriber(1, &[e2]);
+        let packed: Vec<_> = (2..5).map(|c| w.subscriber_with(c, &[e2], true)).collect();
+        w.batch(&[("a", 10)]);
+        let (b0, text) = one_frame(&plain);
+        assert_eq!(b0, 0x81, "plain text, RSV1 clear");
+        let frames: Vec<_> = packed.iter().map(|o| one_frame(o)).collect();
+        for (b0, payload) in &frames {
+            assert_eq!(*b0, 0xc1, "RSV1 set");
+            assert_eq!(payload, &frames[0].1);
+        }
+        assert_eq!(
+            crate::deflate::inflate(&frames[0].1, 1 << 16).expect("valid"),
+            text
+        );
+        let m = &w.b.metrics;
+        assert_eq!(
+            m.deflate_in_bytes.get(),
+            text.len() as u64,
+            "compressed once, not per subscriber"
+        );
+        assert_eq!(m.deflate_out_bytes.get(), frames[0].1.len() as u64);
+        // Without a subscriber that negotiated it, nothing is compressed.
+        let mut w = world();
+        w.b.deflate_min = 16;
+        let plain = w.subscriber(1, &[w.events[1]]);
+        w.batch(&[("a", 10)]);
+        assert_eq!(one_frame(&plain).0, 0x81);
+        assert_eq!(w.b.metrics.deflate_in_bytes.get(), 0);
+        // Nor a message under the threshold.
+        let mut w = world();
+        w.b.deflate_min = 10_000;
+        let packed = w.subscriber_with(1, &[w.events[1]], true);
+        w.batch(&[("a", 10)]);
+        assert_eq!(one_frame(&packed).0, 0x81);
+        assert_eq!(w.b.metrics.deflate_in_bytes.get(), 0);
     }
 
     #[test]

@@ -75,6 +75,15 @@ pub struct Config {
     #[arg(long, env = "LIVE_WS_HANDSHAKE_WAIT_MS", default_value_t = 2_000)]
     pub live_ws_handshake_wait_ms: u64,
 
+    /// Negotiate permessage-deflate with clients that offer it (browsers do).
+    #[arg(long, env = "LIVE_WS_DEFLATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub live_ws_deflate: bool,
+
+    /// Messages shorter than this go out uncompressed, even to clients that
+    /// negotiated permessage-deflate.
+    #[arg(long, env = "LIVE_WS_DEFLATE_MIN_BYTES", default_value_t = 128)]
+    pub live_ws_deflate_min_bytes: u32,
+
     /// Directus base URL, e.g. `http://directus:8055`.
     #[arg(long, env = "DIRECTUS_BASE_URL")]
     pub directus_base_url: reqwest::Url,

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::broadcast::{DeltaJob, Served, Work};
+use crate::deflate;
 use crate::directus::{Authz, Credential, User};
 use crate::ids::ConnId;
 use crate::metrics::{Counted, inc};
@@ -180,6 +181,9 @@ pub async fn serve(
 ) {
     let metrics = shared.metrics.clone();
     let _open = Counted::new(&metrics.connections);
+    let _deflate = outbox
+        .deflate()
+        .then(|| Counted::new(&metrics.deflate_connections));
     tracing::debug!(conn = id, user = %user.id, "connected");
     if user.role.is_none() {
         // Directus leaves `role` out of /users/me unless the user's policy may
@@ -507,14 +511,12 @@ async fn subscribe(
     if let Some(since) = req.since {
         // Past i64 is far in the future: the full snapshot.
         let since = i64::try_from(since).unwrap_or(i64::MAX);
-        match delta(&shared, req.event, since, &identity).await {
+        match delta(&shared, req.event, since, &identity, outbox.deflate()).await {
             Ok(served) => {
                 inc(&m.resumes, "result", "delta");
                 m.snapshot_size.observe(served.view.len() as f64);
-                let reply = OutFrame::text_parts(
-                    protocol::subscribed_head(&topic, req.id.as_deref(), true),
-                    served.view.body.clone(),
-                );
+                let head = protocol::subscribed_head(&topic, req.id.as_deref(), true);
+                let reply = subscribed_frame(head, &served, &outbox);
                 let shed = outbox.release(idx, &served.view.covered, reply);
                 m.conflated.inc_by(shed as u64);
                 return Done::Added(req.event);
@@ -545,13 +547,21 @@ async fn subscribe(
     m.snapshot_catch_up.inc_by(served.caught_up as u64);
     // The client's own head, then the body shared by its audience: one
     // frame, no copy.
-    let reply = OutFrame::text_parts(
-        protocol::subscribed_head(&topic, req.id.as_deref(), false),
-        served.view.body.clone(),
-    );
+    let head = protocol::subscribed_head(&topic, req.id.as_deref(), false);
+    let reply = subscribed_frame(head, &served, &outbox);
     let shed = outbox.release(idx, &served.view.covered, reply);
     m.conflated.inc_by(shed as u64);
     Done::Added(req.event)
+}
+
+/// A `subscribed` reply: the client's own head, then the body shared by its
+/// audience, as one frame of two pieces. Compressed, the head is a stored
+/// block ahead of the body compressed once.
+fn subscribed_frame(head: bytes::Bytes, served: &Served, outbox: &Outbox) -> OutFrame {
+    match served.view.deflated().filter(|_| outbox.deflate()) {
+        Some(body) => OutFrame::deflated_parts(deflate::stored(&head), body.clone()),
+        None => OutFrame::text_parts(head, served.view.body.clone()),
+    }
 }
 
 /// Has the record path answer a resume from memory; `Err` when only the
@@ -561,12 +571,14 @@ async fn delta(
     event: Uuid,
     since: i64,
     identity: &Arc<Identity>,
+    deflate: bool,
 ) -> Result<Served, Full> {
     let (reply, answer) = oneshot::channel();
     let job = DeltaJob {
         event,
         since,
         identity: identity.clone(),
+        deflate,
         reply,
     };
     if shared.work.send(Work::Delta(job)).await.is_err() {

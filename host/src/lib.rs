@@ -29,6 +29,7 @@ pub mod cli;
 mod config;
 mod connection;
 mod consumer;
+mod deflate;
 mod dev;
 mod devices;
 mod directus;

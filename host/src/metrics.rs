@@ -23,6 +23,9 @@ pub struct Metrics {
     registry: Registry,
 
     pub connections: Gauge,
+    pub deflate_connections: Gauge,
+    pub deflate_in_bytes: Counter,
+    pub deflate_out_bytes: Counter,
     pub auth_attempts: CounterFamily,
     pub auth_latency_ms: Histogram,
     pub authz: CounterFamily,
@@ -86,6 +89,21 @@ impl Metrics {
                 "livecast_connections",
                 "Open WebSocket connections",
                 Gauge::default()
+            ),
+            deflate_connections: reg!(
+                "livecast_ws_deflate_connections",
+                "Open WebSocket connections that negotiated permessage-deflate",
+                Gauge::default()
+            ),
+            deflate_in_bytes: reg!(
+                "livecast_deflate_in_bytes",
+                "Bytes of the messages compressed for permessage-deflate clients, before (each message once, however many clients get it)",
+                Counter::default()
+            ),
+            deflate_out_bytes: reg!(
+                "livecast_deflate_out_bytes",
+                "Bytes of the messages compressed for permessage-deflate clients, after",
+                Counter::default()
             ),
             auth_attempts: reg!(
                 "processor_live_auth_attempts",

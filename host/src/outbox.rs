@@ -37,6 +37,7 @@ use rustc_hash::FxHashMap;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::deflate::Message;
 use crate::ids::{DeviceIdx, TopicIdx};
 use crate::ws::{self, OutFrame};
 
@@ -119,6 +120,8 @@ struct Pending {
     key: u64,
     ts: i64,
     msg: Bytes,
+    /// `msg` is compressed (permessage-deflate): sent with RSV1.
+    deflated: bool,
     /// Whether to remember its `ts` once sent.
     floor: Floor,
 }
@@ -293,7 +296,11 @@ impl Inner {
                 self.newest.remove(&p.key);
             }
             self.head += 1;
-            wire.push_back(OutFrame::text(p.msg));
+            wire.push_back(if p.deflated {
+                OutFrame::deflated(p.msg)
+            } else {
+                OutFrame::text(p.msg)
+            });
         }
         if self.queue.is_empty() {
             self.conflating = false;
@@ -374,6 +381,8 @@ pub struct Outbox {
     notify: Notify,
     limits: Limits,
     socket: Option<Socket>,
+    /// The client negotiated permessage-deflate.
+    deflate: bool,
 }
 
 impl Outbox {
@@ -385,7 +394,20 @@ impl Outbox {
             notify: Notify::new(),
             limits,
             socket,
+            deflate: false,
         }
+    }
+
+    /// An outbox of a client that negotiated permessage-deflate: the record
+    /// path hands it compressed messages where it has them.
+    pub fn with_deflate(mut self, deflate: bool) -> Self {
+        self.deflate = deflate;
+        self
+    }
+
+    /// Whether the client negotiated permessage-deflate.
+    pub fn deflate(&self) -> bool {
+        self.deflate
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -400,14 +422,15 @@ impl Outbox {
 
     /// Queues a position of `device` on `topic`. `msg` is shared with every
     /// other subscriber of the topic.
-    pub fn push_position(
+    pub fn push_position<'m>(
         &self,
         topic: TopicIdx,
         device: DeviceIdx,
         ts: i64,
-        msg: &Bytes,
+        msg: impl Into<Message<'m>>,
         floor: Floor,
     ) -> Pushed {
+        let msg = msg.into();
         let mut inner = self.lock();
         if inner.closed || inner.closing {
             return Pushed::Closed;
@@ -416,7 +439,8 @@ impl Outbox {
         let pending = Pending {
             key: k,
             ts,
-            msg: msg.clone(),
+            msg: msg.bytes.clone(),
+            deflated: msg.deflated,
             floor,
         };
         if inner.held.contains(&topic) {
@@ -498,6 +522,7 @@ impl Outbox {
                 key: p.key,
                 ts: p.ts,
                 msg: std::mem::take(&mut p.msg),
+                deflated: p.deflated,
                 floor: p.floor,
             };
             held_slots.insert(p.key, taken);

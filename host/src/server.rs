@@ -31,6 +31,7 @@ use crate::broadcast::Work;
 use crate::config::Config;
 use crate::connection;
 use crate::consumer::{Consumer, StreamConfig};
+use crate::deflate;
 use crate::devices;
 use crate::directus::Directus;
 use crate::directus::{Credential, User};
@@ -205,7 +206,8 @@ impl Host {
             config.live_max_record_bytes as usize,
         )
         .with_chain_generation(shared.snapshots.chain_generation())
-        .with_resume(shared.coverage.clone(), config.resume_slack());
+        .with_resume(shared.coverage.clone(), config.resume_slack())
+        .with_deflate_min(config.live_ws_deflate_min_bytes as usize);
         // Reloaded chains: one at a time is plenty (a reload takes seconds).
         let (chains_tx, chains) = mpsc::channel(1);
         let record_path = std::thread::Builder::new()
@@ -560,6 +562,17 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
             .into_response();
     };
     let _in_flight = Counted::new(&shared.metrics.handshakes_in_flight);
+    let extensions = if shared.config.live_ws_deflate {
+        deflate::negotiate(
+            req.headers()
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .map(|v| v.as_bytes()),
+        )
+    } else {
+        None
+    };
+    let deflate = extensions.is_some();
     let (user, credential) = match auth::authenticate(
         req.headers(),
         &shared.config.live_ws_allowed_origins,
@@ -586,14 +599,18 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<hyper::body::Incoming>) -
         tokio::select! {
             // Past the drain timeout: dropped (its cleanup runs on drop).
             _ = abandon.cancelled() => {}
-            _ = serve_upgraded(conn_shared, on_upgrade, user, credential, id) => {}
+            _ = serve_upgraded(conn_shared, on_upgrade, user, credential, id, deflate) => {}
         }
     });
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key))
+        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(&key));
+    if let Some(accepted) = extensions {
+        response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, accepted);
+    }
+    response
         .body(Body::empty())
         .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "upgrade failed\n"))
 }
@@ -605,6 +622,7 @@ async fn serve_upgraded(
     user: User,
     credential: Credential,
     id: ConnId,
+    deflate: bool,
 ) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
@@ -626,15 +644,18 @@ async fn serve_upgraded(
     // holds and let it go, or every connection would keep it.
     let hyper::upgrade::Parts { io, read_buf, .. } = parts;
     let socket = Arc::new(io.into_inner());
-    let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME);
+    let ws = WebSocket::new(socket.clone(), &read_buf, MAX_CLIENT_FRAME, deflate);
     drop(read_buf);
-    let outbox = Arc::new(Outbox::new(
-        conn_shared.config.outbox_limits(),
-        Some(outbox::Socket {
-            stream: socket,
-            writes: conn_shared.metrics.socket_writes.clone(),
-        }),
-    ));
+    let outbox = Arc::new(
+        Outbox::new(
+            conn_shared.config.outbox_limits(),
+            Some(outbox::Socket {
+                stream: socket,
+                writes: conn_shared.metrics.socket_writes.clone(),
+            }),
+        )
+        .with_deflate(deflate),
+    );
     connection::serve(conn_shared, ws, outbox, user, credential, id).await;
 }
 

@@ -26,12 +26,13 @@
 //! taken in by then has also been routed, and every one routed later is
 //! newer: nothing is missed, nothing sent twice.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use uuid::Uuid;
 
+use crate::deflate::{self, Packed};
 use crate::ids::DeviceIdx;
 use crate::outbox::{Covered, Floor};
 use crate::protocol;
@@ -149,6 +150,10 @@ pub struct View {
     pub body: Bytes,
     /// Entries and floors, for the outbox's `release`.
     pub covered: Arc<Covered>,
+    /// `body` compressed for permessage-deflate, made the first time a
+    /// client that negotiated it is served (`None` inside: too short, or
+    /// did not shrink).
+    deflated: OnceLock<Option<Bytes>>,
     /// Catch-up positions already made for this audience, by device: the
     /// `ts` of the latest position each was made from, and the result
     /// (`None`: the delivery stage withheld it).
@@ -161,7 +166,9 @@ pub struct View {
 #[derive(Debug, Clone)]
 pub struct CatchUp {
     pub ts_ms: i64,
-    pub msg: Bytes,
+    /// Shared with the other subscribers of the audience, and so is its
+    /// compressed form.
+    pub msg: Arc<Packed>,
     pub floor: Floor,
 }
 
@@ -174,7 +181,28 @@ impl View {
                 entries.iter().map(|(d, ts, _, f)| (*d, *ts, *f)),
             )),
             catch_up: Mutex::default(),
+            deflated: OnceLock::new(),
         }
+    }
+
+    /// Compresses the body unless done already or shorter than `min`; the
+    /// sizes before and after if this call compressed it.
+    pub fn deflate(&self, min: usize) -> Option<(usize, usize)> {
+        let mut made = None;
+        self.deflated.get_or_init(|| {
+            if self.body.len() < min {
+                return None;
+            }
+            let c = deflate::compress(&self.body, deflate::SNAPSHOT_LEVEL)?;
+            made = Some((self.body.len(), c.len()));
+            Some(c)
+        });
+        made
+    }
+
+    /// The compressed body, if [`View::deflate`] made one.
+    pub fn deflated(&self) -> Option<&Bytes> {
+        self.deflated.get().and_then(Option::as_ref)
     }
 
     /// Entries sent.

@@ -2,13 +2,17 @@
 //! on the raw TCP stream.
 //!
 //! Why not tungstenite here: it copies every outgoing frame into a
-//! per-connection buffer that keeps its largest size for good (a snapshot of
-//! 50 devices left ~16 KiB behind on every idle connection), and it allocates
-//! its read buffer up front. This module writes frames straight from the
+//! per-connection buffer that keeps its largest size for good (a snapshot
+//! left that much behind on every idle connection: docs/benchmarks.md,
+//! "Memory per idle connection"), and it allocates its read buffer up front. This module writes frames straight from the
 //! shared `Bytes` of the record path with one vectored write per batch (no
 //! copy), and holds no buffer at all while a connection is idle. It does
-//! only what a live-position server needs: no extensions, no subprotocols,
-//! text in (≤ 16 KiB per message), text out.
+//! only what a live-position server needs: no subprotocols, text in
+//! (≤ 16 KiB per message, inflated or not), text out, and one extension,
+//! permessage-deflate, without context takeover either way (see
+//! [`crate::deflate`]): compressed frames carry bytes compressed once for
+//! every subscriber, and compressed client messages inflate without any
+//! per-connection state.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -17,6 +21,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
+use crate::deflate::{self, InflateError};
+
 /// Opcodes.
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
@@ -24,6 +30,9 @@ const BINARY: u8 = 0x2;
 const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 const PONG: u8 = 0xA;
+
+/// RSV1: the message is compressed (RFC 7692 §6).
+const RSV1: u8 = 0b100;
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 2048;
@@ -84,6 +93,20 @@ impl OutFrame {
     /// A text frame whose payload is `head` followed by `tail`.
     pub fn text_parts(head: Bytes, tail: Bytes) -> Self {
         Self::new(TEXT, [head, tail])
+    }
+
+    /// A compressed text message (RSV1 set) of shared bytes, from
+    /// [`deflate::compress`].
+    pub fn deflated(payload: Bytes) -> Self {
+        Self::deflated_parts(payload, Bytes::new())
+    }
+
+    /// A compressed text message made of two pieces: a head as stored
+    /// blocks ([`deflate::stored`]) and a body compressed once.
+    pub fn deflated_parts(head: Bytes, tail: Bytes) -> Self {
+        let mut f = Self::new(TEXT, [head, tail]);
+        f.header[0] |= RSV1 << 4;
+        f
     }
 
     pub fn ping() -> Self {
@@ -162,6 +185,10 @@ struct Decoder {
     /// The payload of a fragmented message being received.
     message: Vec<u8>,
     fragmented: Option<u8>,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
+    /// The fragmented message being received is compressed.
+    compressed: bool,
     max_message: usize,
     /// Bytes still to drop of a frame that was refused, or skipped while
     /// closing: they are read off the socket (closing a socket with unread
@@ -179,13 +206,20 @@ struct Decoder {
 }
 impl WebSocket {
     /// Wraps an upgraded stream; `already_read` is what the HTTP layer read
-    /// past the upgrade request.
-    pub fn new(stream: Arc<TcpStream>, already_read: &[u8], max_message: usize) -> Self {
+    /// past the upgrade request; `deflate`: permessage-deflate was
+    /// negotiated.
+    pub fn new(
+        stream: Arc<TcpStream>,
+        already_read: &[u8],
+        max_message: usize,
+        deflate: bool,
+    ) -> Self {
         Self {
             stream,
             decoder: Decoder {
                 pending: already_read.to_vec(),
                 max_message,
+                deflate,
                 ..Decoder::default()
             },
         }
@@ -304,7 +338,7 @@ impl Decoder {
                 at = self.pending.len();
                 break Ok(());
             }
-            match parse_frame(&self.pending[at..], self.max_message) {
+            match parse_frame(&self.pending[at..], self.max_message, self.deflate) {
                 Ok(None) => break Ok(()),
                 Ok(Some((frame, used))) => {
                     at += used;
@@ -369,9 +403,15 @@ impl Decoder {
             TEXT | BINARY if self.fragmented.is_some() => {
                 return Err(ReadError::Protocol("a new message inside a fragmented one"));
             }
-            TEXT | BINARY if f.fin => out.push(message(f.opcode, f.payload)?),
+            TEXT | BINARY if f.fin => out.push(message(
+                f.opcode,
+                f.payload,
+                f.compressed,
+                self.max_message,
+            )?),
             TEXT | BINARY => {
                 self.fragmented = Some(f.opcode);
+                self.compressed = f.compressed;
                 self.message = f.payload;
             }
             CONTINUATION => {
@@ -384,7 +424,8 @@ impl Decoder {
                 self.message.extend_from_slice(&f.payload);
                 if f.fin {
                     self.fragmented = None;
-                    out.push(message(opcode, std::mem::take(&mut self.message))?);
+                    let payload = std::mem::take(&mut self.message);
+                    out.push(message(opcode, payload, self.compressed, self.max_message)?);
                 }
             }
             // parse_frame refuses every other opcode.
@@ -421,10 +462,25 @@ fn close_code_valid(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-fn message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
+/// A whole data message; a compressed one is inflated first, up to the
+/// same limit as an uncompressed one.
+fn message(
+    opcode: u8,
+    payload: Vec<u8>,
+    compressed: bool,
+    max: usize,
+) -> Result<Incoming, ReadError> {
     if opcode == BINARY {
         return Ok(Incoming::Binary);
     }
+    let payload = if compressed {
+        deflate::inflate(&payload, max).map_err(|e| match e {
+            InflateError::TooLarge => ReadError::TooLarge,
+            InflateError::Invalid => ReadError::Protocol("invalid compressed data"),
+        })?
+    } else {
+        payload
+    };
     String::from_utf8(payload)
         .map(Incoming::Text)
         .map_err(|_| ReadError::InvalidUtf8)
@@ -432,6 +488,8 @@ fn message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
 
 struct Frame {
     fin: bool,
+    /// RSV1: the first frame of a compressed message.
+    compressed: bool,
     opcode: u8,
     payload: Vec<u8>,
 }
@@ -491,15 +549,27 @@ fn parse_header(buf: &[u8]) -> Option<Header> {
 /// One complete client frame at the start of `buf`, unmasked, and the bytes
 /// it used; `None` when more bytes are needed. A frame is refused as soon as
 /// its header is in, with the header, so that the rest of it can be skipped
-/// without being held.
-fn parse_frame(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, (ReadError, Header)> {
+/// without being held. With `deflate` negotiated, RSV1 may mark the first
+/// frame of a data message (RFC 7692 §6.1), and only that.
+fn parse_frame(
+    buf: &[u8],
+    max: usize,
+    deflate: bool,
+) -> Result<Option<(Frame, usize)>, (ReadError, Header)> {
     let Some(h) = parse_header(buf) else {
         return Ok(None);
     };
     let refuse = |e| Err((e, h));
-    if h.rsv != 0 {
-        return refuse(ReadError::Protocol("reserved bits set"));
-    }
+    let compressed = match h.rsv {
+        0 => false,
+        RSV1 if deflate && matches!(h.opcode, TEXT | BINARY) => true,
+        RSV1 if deflate => {
+            return refuse(ReadError::Protocol(
+                "RSV1 on a control or continuation frame",
+            ));
+        }
+        _ => return refuse(ReadError::Protocol("reserved bits set")),
+    };
     let Some(key) = h.mask else {
         return refuse(ReadError::Protocol("client frames must be masked"));
     };
@@ -526,6 +596,7 @@ fn parse_frame(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, (ReadEr
     Ok(Some((
         Frame {
             fin: h.fin,
+            compressed,
             opcode: h.opcode,
             payload,
         },
@@ -795,6 +866,103 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// A client frame with RSV1 set.
+    fn rsv1_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = client_frame(fin, opcode, payload);
+        f[0] |= 0x40;
+        f
+    }
+
+    fn parse_deflate(bytes: &[u8]) -> Result<Vec<Incoming>, ReadError> {
+        let mut d = Decoder {
+            deflate: true,
+            ..decoder(bytes)
+        };
+        let mut out = Vec::new();
+        d.parse(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_message_where_negotiated() {
+        let text = "{\"type\":\"subscribe\"} ".repeat(40);
+        let packed = deflate::compress(text.as_bytes(), 6).expect("smaller");
+        let want = [Incoming::Text(text.clone())];
+        // Whole, and fragmented with RSV1 on the first frame only.
+        assert_eq!(
+            parse_deflate(&rsv1_frame(true, TEXT, &packed)).expect("valid"),
+            want
+        );
+        let (a, b) = packed.split_at(packed.len() / 2);
+        let mut split = rsv1_frame(false, TEXT, a);
+        split.extend(client_frame(true, PING, b"p"));
+        split.extend(client_frame(true, CONTINUATION, b));
+        assert_eq!(
+            parse_deflate(&split).expect("valid"),
+            [Incoming::Ping(Bytes::from_static(b"p")), want[0].clone()]
+        );
+        // Uncompressed messages stay allowed.
+        assert_eq!(
+            parse_deflate(&client_frame(true, TEXT, b"plain")).expect("valid"),
+            [Incoming::Text("plain".into())]
+        );
+        // Not negotiated: RSV1 is a reserved bit like the others.
+        assert!(matches!(
+            parse_all(&rsv1_frame(true, TEXT, &packed)),
+            Err(ReadError::Protocol(_))
+        ));
+        // On a continuation, a control frame, or RSV2/RSV3: refused.
+        let mut on_continuation = client_frame(false, TEXT, b"a");
+        on_continuation.extend(rsv1_frame(true, CONTINUATION, b"b"));
+        let mut rsv2 = client_frame(true, TEXT, b"x");
+        rsv2[0] |= 0x20;
+        let mut rsv3 = rsv1_frame(true, TEXT, &packed);
+        rsv3[0] |= 0x10;
+        for (case, bytes) in [
+            ("continuation", on_continuation),
+            ("ping", rsv1_frame(true, PING, b"")),
+            ("close", rsv1_frame(true, CLOSE, &[0x03, 0xe8])),
+            ("rsv2", rsv2),
+            ("rsv1+rsv3", rsv3),
+        ] {
+            assert!(
+                matches!(parse_deflate(&bytes), Err(ReadError::Protocol(_))),
+                "{case}"
+            );
+        }
+        // Compressed data that is not DEFLATE, or not UTF-8 once inflated.
+        assert!(matches!(
+            parse_deflate(&rsv1_frame(true, TEXT, &[0xff, 0xff])),
+            Err(ReadError::Protocol(_))
+        ));
+        let not_utf8 = deflate::compress(&[0xff; 200], 6).expect("smaller");
+        assert!(matches!(
+            parse_deflate(&rsv1_frame(true, TEXT, &not_utf8)),
+            Err(ReadError::InvalidUtf8)
+        ));
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_too_large() {
+        let bomb = deflate::compress(&vec![b' '; 1 << 20], 9).expect("smaller");
+        assert!(bomb.len() < 16 * 1024);
+        assert!(matches!(
+            parse_deflate(&rsv1_frame(true, TEXT, &bomb)),
+            Err(ReadError::TooLarge)
+        ));
+        // The compressed frame itself is limited too.
+        let big = rsv1_frame(true, TEXT, &vec![0; 16 * 1024 + 1]);
+        assert!(matches!(parse_deflate(&big), Err(ReadError::TooLarge)));
+    }
+
+    #[test]
+    fn a_deflated_frame_sets_rsv1() {
+        let f = OutFrame::deflated_parts(Bytes::from_static(b"ab"), Bytes::from_static(b"c"));
+        assert_eq!(f.header[..2], [0xc1, 3]);
+        assert_eq!(OutFrame::deflated(Bytes::from_static(b"a")).header[0], 0xc1);
+        assert_eq!(OutFrame::text(Bytes::from_static(b"a")).header[0], 0x81);
+    }
+
     #[test]
     fn server_headers() {
         let f = |n: usize| OutFrame::text(Bytes::from(vec![b'x'; n]));
@@ -891,9 +1059,20 @@ mod props {
     }
 
     fn encode(fin: bool, opcode: OpCode, payload: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
+        encode_rsv1(fin, false, opcode, payload, mask, out);
+    }
+
+    fn encode_rsv1(
+        fin: bool,
+        rsv1: bool,
+        opcode: OpCode,
+        payload: &[u8],
+        mask: [u8; 4],
+        out: &mut Vec<u8>,
+    ) {
         let header = FrameHeader {
             is_final: fin,
-            rsv1: false,
+            rsv1,
             rsv2: false,
             rsv3: false,
             opcode,
@@ -968,11 +1147,22 @@ mod props {
     /// Decodes `bytes` as the socket would deliver them, cut at `cuts`: the
     /// messages up to the first error, and that error.
     fn decode(bytes: &[u8], cuts: &[prop::sample::Index], max: usize) -> (Vec<Incoming>, String) {
+        decode_with(bytes, cuts, max, false)
+    }
+
+    /// [`decode`], with permessage-deflate negotiated or not.
+    fn decode_with(
+        bytes: &[u8],
+        cuts: &[prop::sample::Index],
+        max: usize,
+        deflate: bool,
+    ) -> (Vec<Incoming>, String) {
         let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
         ends.push(bytes.len());
         ends.sort_unstable();
         let mut d = Decoder {
             max_message: max,
+            deflate,
             ..Decoder::default()
         };
         let mut out = Vec::new();
@@ -1015,6 +1205,61 @@ mod props {
     }
 
     proptest! {
+        /// Text messages compressed by a client (flate2, level 1 to 9) or
+        /// not, whole or fragmented (RSV1 on the first frame only), with a
+        /// ping between fragments: decoded to their text however the bytes
+        /// are cut; and the same bytes on a connection that did not
+        /// negotiate the extension are a protocol error at the first RSV1.
+        #[test]
+        fn prop_compressed_messages_decode_to_their_text(
+            texts in prop::collection::vec(
+                prop_oneof!["\\PC{0,200}", "[a-d\"{},:0-9]{0,2000}"], 1..4),
+            compress in prop::collection::vec(any::<bool>(), 4),
+            level in 1u32..=9,
+            frags in prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+            mask in any::<[u8; 4]>(),
+            cuts in cuts(),
+        ) {
+            let mut bytes = Vec::new();
+            let mut want = Vec::new();
+            let mut any_rsv1 = false;
+            for (t, c) in texts.iter().zip(&compress) {
+                let packed = c.then(|| {
+                    let mut e = flate2::Compress::new(flate2::Compression::new(level), false);
+                    let mut out = Vec::with_capacity(t.len() + 64);
+                    e.compress_vec(t.as_bytes(), &mut out, flate2::FlushCompress::Sync)
+                        .expect("compress");
+                    out.truncate(out.len() - 4);
+                    out
+                });
+                let rsv1 = packed.is_some();
+                any_rsv1 |= rsv1;
+                let payload = packed.unwrap_or_else(|| t.as_bytes().to_vec());
+                let mut bounds: Vec<usize> =
+                    frags.iter().map(|i| i.index(payload.len() + 1)).collect();
+                bounds.push(0);
+                bounds.push(payload.len());
+                bounds.sort_unstable();
+                for (i, w) in bounds.windows(2).enumerate() {
+                    let last = i + 2 == bounds.len();
+                    let opcode = if i == 0 { OpCode::Data(Data::Text) } else { OpCode::Data(Data::Continue) };
+                    encode_rsv1(last, rsv1 && i == 0, opcode, &payload[w[0]..w[1]], mask, &mut bytes);
+                    if !last {
+                        encode(true, OpCode::Control(Control::Ping), b"", mask, &mut bytes);
+                        want.push(Incoming::Ping(Bytes::new()));
+                    }
+                }
+                want.push(Incoming::Text(t.clone()));
+            }
+            let (got, error) = decode_with(&bytes, &cuts, 16 * 1024, true);
+            prop_assert_eq!(error, "");
+            prop_assert_eq!(got, want);
+            if any_rsv1 {
+                let (_, error) = decode_with(&bytes, &cuts, 16 * 1024, false);
+                prop_assert!(error.starts_with("Protocol"), "{}", error);
+            }
+        }
+
         /// What the reference encoder framed is decoded to the messages sent,
         /// however the bytes are cut.
         #[test]

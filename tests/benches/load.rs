@@ -11,7 +11,9 @@
 //! cargo bench -p livecast-tests --bench load -- storm        # 3,000 subscribes in a second
 //! ```
 //!
-//! Options: `--clients=N` (every scenario), `--spread-ms=N` (the storm's
+//! Options: `--clients=N` (every scenario), `--deflate` (every client of
+//! the scenarios and of the storm negotiates permessage-deflate, as
+//! browsers do: run a scenario with and without to compare), `--spread-ms=N` (the storm's
 //! connections are opened evenly over that time; default 1000),
 //! `--rows=N` (positions in the snapshot database; default 10,000,000,
 //! fewer for a quick check). `LIVECAST_BENCH_HOST=<binary>` runs another
@@ -42,6 +44,7 @@ fn scenario(name: &str, clients: usize, stuck: usize, rate: u32, secs: u64) -> S
         devices_per_event: 50,
         rate,
         duration: Duration::from_secs(secs),
+        deflate: false,
     }
 }
 
@@ -109,6 +112,10 @@ async fn main() -> anyhow::Result<()> {
         ],
     };
     let mut scenarios = scenarios;
+    let deflate = std::env::args().any(|a| a == "--deflate");
+    for s in &mut scenarios {
+        s.deflate = deflate;
+    }
     if let Some(n) = clients {
         for s in &mut scenarios {
             s.clients = n;
@@ -148,10 +155,18 @@ async fn main() -> anyhow::Result<()> {
             load::percentile(&times, 0.99),
             times.last().copied().unwrap_or(0.0)
         );
+        let (plain, packed, entries) = load::subscribed_size(&target, SNAPSHOT_EVENT).await?;
+        println!(
+            "subscribed: {entries} entries, {plain} bytes on the wire, {packed} with permessage-deflate ({:.1}x smaller)",
+            plain as f64 / packed.max(1) as f64
+        );
         let path = load::save(
             &bench_dir,
             "snapshot",
-            &serde_json::json!({"rows": rows, "entries": size, "ms": times}),
+            &serde_json::json!({
+                "rows": rows, "entries": size, "ms": times,
+                "subscribed_bytes": plain, "subscribed_bytes_deflate": packed,
+            }),
         )?;
         eprintln!("wrote {}", path.display());
     }
@@ -163,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
             spread,
             event: SNAPSHOT_EVENT,
             devices: SNAPSHOT_DEVICES,
+            deflate,
         };
         eprintln!(
             "running storm ({} clients over {:?}, {snapshot_rows} rows)",

@@ -46,12 +46,16 @@ pub struct Scenario {
     /// Records per second published, all devices together (0: idle).
     pub rate: u32,
     pub duration: Duration,
+    /// Every client negotiates permessage-deflate (as browsers do) and
+    /// inflates what comes compressed.
+    pub deflate: bool,
 }
 
 /// The result of one scenario.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub scenario: String,
+    pub deflate: bool,
     pub clients: usize,
     pub stuck_clients: usize,
     pub connections_held: usize,
@@ -78,6 +82,9 @@ pub struct Report {
     pub host_cpu_us_per_delivery: f64,
     /// Socket writes the host made (0 for a host without the counter).
     pub host_socket_writes: u64,
+    /// Bytes the clients read off their sockets, per delivery received
+    /// (frames, compressed or not, and the snapshots).
+    pub wire_bytes_per_delivery: f64,
     pub conflated: u64,
     pub host_deliveries: u64,
 }
@@ -317,6 +324,8 @@ pub struct Account {
     pub duplicated: u64,
     pub out_of_order: u64,
     pub latency: Option<Histogram<u64>>,
+    /// Bytes read off the socket.
+    pub bytes: u64,
 }
 
 impl Account {
@@ -413,27 +422,48 @@ struct LeanClient {
     buf: Vec<u8>,
     start: usize,
     filled: usize,
+    /// Bytes read off the socket since the upgrade.
+    read: u64,
+    /// Bytes on the wire of the last frame parsed, header included.
+    last_frame: usize,
+    /// With permessage-deflate negotiated: the inflater (reset for every
+    /// message, as the host compresses each on its own) and the message it
+    /// inflated last.
+    inflater: Option<(flate2::Decompress, Vec<u8>)>,
 }
+
+/// What a browser offers.
+const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
 
 /// A frame the harness cares about.
 enum ServerFrame {
     Text(std::ops::Range<usize>),
+    /// A compressed text message (RSV1): inflate it with
+    /// [`LeanClient::inflate`].
+    Deflated(std::ops::Range<usize>),
     Ping(Vec<u8>),
     Close,
     Other,
 }
 
 impl LeanClient {
-    async fn connect(addr: SocketAddr, path: &str, stuck: bool) -> anyhow::Result<Self> {
-        Self::connect_with(addr, path, stuck, 64 * 1024).await
+    async fn connect(
+        addr: SocketAddr,
+        path: &str,
+        stuck: bool,
+        deflate: bool,
+    ) -> anyhow::Result<Self> {
+        Self::connect_with(addr, path, stuck, 64 * 1024, deflate).await
     }
 
-    /// Connects with a receive buffer of `buf_len` bytes.
+    /// Connects with a receive buffer of `buf_len` bytes, offering
+    /// permessage-deflate if `deflate` (and failing if the host declines).
     async fn connect_with(
         addr: SocketAddr,
         path: &str,
         stuck: bool,
         buf_len: usize,
+        deflate: bool,
     ) -> anyhow::Result<Self> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let socket = TcpSocket::new_v4()?;
@@ -442,10 +472,15 @@ impl LeanClient {
             socket.set_recv_buffer_size(4096)?;
         }
         let mut stream = socket.connect(addr).await?;
+        let offer = if deflate {
+            format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n")
+        } else {
+            String::new()
+        };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Cookie: directus_session_token={TOKEN}\r\n\r\n"
+             Cookie: directus_session_token={TOKEN}\r\n{offer}\r\n"
         );
         stream.write_all(request.as_bytes()).await?;
         let mut buf = vec![0u8; buf_len];
@@ -466,13 +501,42 @@ impl LeanClient {
                 String::from_utf8_lossy(&buf[..head_end.min(64)])
             );
         }
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let negotiated = head.contains("sec-websocket-extensions: permessage-deflate");
+        if deflate && !negotiated {
+            anyhow::bail!("the host did not negotiate permessage-deflate");
+        }
         buf.copy_within(head_end..n, 0);
         Ok(Self {
             stream,
             buf,
             start: 0,
             filled: n - head_end,
+            read: (n - head_end) as u64,
+            last_frame: 0,
+            inflater: negotiated.then(|| (flate2::Decompress::new(false), Vec::new())),
         })
+    }
+
+    /// The text of a compressed message in `buf[range]` (RFC 7692 §7.2.2).
+    fn inflate(&mut self, range: std::ops::Range<usize>) -> anyhow::Result<&[u8]> {
+        let Some((d, out)) = &mut self.inflater else {
+            anyhow::bail!("RSV1 without permessage-deflate");
+        };
+        d.reset(false);
+        out.clear();
+        for input in [&self.buf[range], &[0x00, 0x00, 0xff, 0xff][..]] {
+            let start = d.total_in();
+            loop {
+                out.reserve(input.len() * 4 + 4096);
+                let done = (d.total_in() - start) as usize;
+                d.decompress_vec(&input[done..], out, flate2::FlushDecompress::Sync)?;
+                if (d.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
@@ -507,7 +571,9 @@ impl LeanClient {
         let (frame, end) = parse_server_frame(&self.buf[self.start..self.filled])?;
         let base = self.start;
         self.start += end;
+        self.last_frame = end;
         Some(match frame {
+            (0x41, r) => ServerFrame::Deflated(base + r.start..base + r.end),
             (0x1, r) => ServerFrame::Text(base + r.start..base + r.end),
             (0x9, r) => ServerFrame::Ping(self.buf[base + r.start..base + r.end].to_vec()),
             (0x8, _) => ServerFrame::Close,
@@ -534,12 +600,14 @@ impl LeanClient {
             anyhow::bail!("closed");
         }
         self.filled += n;
+        self.read += n as u64;
         Ok(())
     }
 }
 
 impl LeanClient {
-    /// The next frame's opcode and its first `keep` payload bytes at most;
+    /// The next frame's opcode (0x40 added for RSV1) and its first `keep`
+    /// payload bytes at most;
     /// the rest of the payload is read and dropped, so a client of a storm
     /// counts 150 KB snapshots without holding one.
     async fn next_head(&mut self, keep: usize) -> anyhow::Result<(u8, Vec<u8>)> {
@@ -559,7 +627,7 @@ impl LeanClient {
                         10 => u64::from_be_bytes(b[2..10].try_into()?) as usize,
                         _ => (b[1] & 0x7F) as usize,
                     };
-                    break (b[0] & 0x0F, len, need);
+                    break (b[0] & 0x4F, len, need);
                 }
             }
             self.refill().await?;
@@ -599,12 +667,13 @@ impl LeanClient {
             anyhow::bail!("closed");
         }
         self.filled += n;
+        self.read += n as u64;
         Ok(())
     }
 }
 
-/// An unmasked server frame at the start of `b`: (opcode, payload range)
-/// and its total length.
+/// An unmasked server frame at the start of `b`: (opcode, with 0x40 added
+/// for RSV1, payload range) and its total length.
 fn parse_server_frame(b: &[u8]) -> Option<((u8, std::ops::Range<usize>), usize)> {
     let [b0, b1, ..] = *b else { return None };
     let (len, at) = match b1 & 0x7F {
@@ -618,7 +687,7 @@ fn parse_server_frame(b: &[u8]) -> Option<((u8, std::ops::Range<usize>), usize)>
     if b.len() < at + len {
         return None;
     }
-    Some(((b0 & 0x0F, at..at + len), at + len))
+    Some(((b0 & 0x4F, at..at + len), at + len))
 }
 
 /// One harness client: connect, subscribe to every event, then account
@@ -626,13 +695,13 @@ fn parse_server_frame(b: &[u8]) -> Option<((u8, std::ops::Range<usize>), usize)>
 async fn client(
     addr: SocketAddr,
     path: String,
-    events: usize,
-    devices_per_event: usize,
+    s: Arc<Scenario>,
     stuck: bool,
     shared: Arc<Shared>,
     opening: tokio::sync::OwnedSemaphorePermit,
 ) -> anyhow::Result<Account> {
-    let mut ws = LeanClient::connect(addr, &path, stuck).await?;
+    let (events, devices_per_event) = (s.events, s.devices_per_event);
+    let mut ws = LeanClient::connect(addr, &path, stuck, s.deflate).await?;
     shared.connected.fetch_add(1, Ordering::Relaxed);
     for e in 0..events {
         let frame = format!(
@@ -644,19 +713,21 @@ async fn client(
     let mut account = Account::new(events * devices_per_event);
     let mut pending = events;
     while pending > 0 {
-        match ws.next().await? {
-            ServerFrame::Text(r) => {
-                let t = &ws.buf[r];
-                if t.starts_with(br#"{"type":"subscribed""#) {
-                    pending -= 1;
-                } else if t.starts_with(br#"{"type":"error""#) {
-                    anyhow::bail!("subscribe refused: {}", String::from_utf8_lossy(t));
-                } else {
-                    account.position(t, devices_per_event, now_us());
-                }
-            }
+        let frame = ws.next().await?;
+        let t = match frame {
+            ServerFrame::Text(r) => Some(&ws.buf[r]),
+            ServerFrame::Deflated(r) => Some(ws.inflate(r)?),
             ServerFrame::Close => anyhow::bail!("closed before subscribed"),
-            _ => {}
+            _ => None,
+        };
+        if let Some(t) = t {
+            if t.starts_with(br#"{"type":"subscribed""#) {
+                pending -= 1;
+            } else if t.starts_with(br#"{"type":"error""#) {
+                anyhow::bail!("subscribe refused: {}", String::from_utf8_lossy(t));
+            } else {
+                account.position(t, devices_per_event, now_us());
+            }
         }
     }
     shared.subscribed.fetch_add(1, Ordering::Relaxed);
@@ -667,6 +738,10 @@ async fn client(
         }
         return Ok(account);
     }
+    let done = |mut account: Account, ws: &LeanClient| {
+        account.bytes = ws.read;
+        Ok(account)
+    };
     loop {
         // Every frame one read brought, then one wait for the next read (a
         // timer per read, not per frame: the client must not cost more per
@@ -676,6 +751,10 @@ async fn client(
                 ServerFrame::Text(r) => {
                     account.position(&ws.buf[r], devices_per_event, now_us());
                 }
+                ServerFrame::Deflated(r) => {
+                    let t = ws.inflate(r)?;
+                    account.position(t, devices_per_event, now_us());
+                }
                 ServerFrame::Ping(payload) => {
                     // Answer as a browser would, or the host drops a silent
                     // client.
@@ -684,14 +763,14 @@ async fn client(
                     f.extend_from_slice(&payload);
                     ws.stream.write_all(&f).await?;
                 }
-                ServerFrame::Close => return Ok(account),
+                ServerFrame::Close => return done(account, &ws),
                 ServerFrame::Other => {}
             }
         }
         match tokio::time::timeout(Duration::from_millis(100), ws.fill()).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return Ok(account),
-            Err(_) if shared.stop.load(Ordering::Relaxed) => return Ok(account),
+            Ok(Err(_)) => return done(account, &ws),
+            Err(_) if shared.stop.load(Ordering::Relaxed) => return done(account, &ws),
             Err(_) => {}
         }
     }
@@ -822,6 +901,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
         .trim_start_matches("ws://")
         .trim_end_matches("/ws-live")
         .parse()?;
+    let scenario = Arc::new(s.clone());
     // Open connections a few hundred at a time (the listen backlog is finite).
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = Vec::with_capacity(s.clients);
@@ -829,10 +909,10 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
         let permit = gate.clone().acquire_owned().await?;
         let shared2 = shared.clone();
         let path = "/ws-live".to_owned();
-        let (events, dpe) = (s.events, s.devices_per_event);
+        let scenario = scenario.clone();
         let stuck = i < s.stuck_clients;
         tasks.push(tokio::spawn(async move {
-            let r = client(addr, path, events, dpe, stuck, shared2, permit).await;
+            let r = client(addr, path, scenario, stuck, shared2, permit).await;
             if let Err(e) = &r {
                 eprintln!("client {i}: {e:#}");
             }
@@ -889,6 +969,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut r = Report {
         scenario: s.name.clone(),
+        deflate: s.deflate,
         clients: s.clients,
         stuck_clients: s.stuck_clients,
         connections_held: shared.connected.load(Ordering::Relaxed) as usize,
@@ -906,6 +987,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
     };
     r.rss_bytes_per_connection =
         (rss_with.saturating_sub(rss_before) * 1024) as f64 / s.clients.max(1) as f64;
+    let mut wire_bytes = 0;
     for (i, task) in tasks.into_iter().enumerate() {
         let account = task.await??;
         if i < s.stuck_clients {
@@ -916,6 +998,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
         r.duplicated += account.duplicated;
         r.out_of_order += account.out_of_order;
         r.lost += account.lost(&published);
+        wire_bytes += account.bytes;
         if let Some(h) = &account.latency {
             latency.add(h)?;
         }
@@ -923,6 +1006,7 @@ pub async fn run(t: &Target, s: &Scenario) -> anyhow::Result<Report> {
     r.host_rss_kib_end = host.rss_kib();
     r.deliveries_per_s = r.deliveries_received as f64 / seconds;
     if r.deliveries_received > 0 {
+        r.wire_bytes_per_delivery = wire_bytes as f64 / r.deliveries_received as f64;
         r.host_cpu_us_per_delivery = cpu * 1e6 / r.deliveries_received as f64;
     }
     if !latency.is_empty() {
@@ -944,11 +1028,14 @@ pub struct Storm {
     pub spread: Duration,
     pub event: usize,
     pub devices: usize,
+    /// Every client negotiates permessage-deflate, as browsers do.
+    pub deflate: bool,
 }
 
 /// What a storm cost the host.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StormReport {
+    pub deflate: bool,
     pub clients: usize,
     pub spread_ms: u64,
     pub devices: usize,
@@ -1006,6 +1093,7 @@ pub async fn storm(t: &Target, s: &Storm) -> anyhow::Result<StormReport> {
     for i in 0..s.clients {
         let at = started + s.spread.mul_f64(i as f64 / s.clients as f64);
         let (shared, retried) = (shared.clone(), retried.clone());
+        let deflate = s.deflate;
         let subscribe = format!(
             r#"{{"type":"subscribe","topic":"event:{}","id":"storm-{i}"}}"#,
             event_id(s.event)
@@ -1013,7 +1101,7 @@ pub async fn storm(t: &Target, s: &Storm) -> anyhow::Result<StormReport> {
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
             let t0 = Instant::now();
-            let r = storm_client(addr, &subscribe, &shared, &retried, t0).await;
+            let r = storm_client(addr, &subscribe, deflate, &shared, &retried, t0).await;
             if let Err(e) = &r {
                 eprintln!("storm client {i}: {e:#}");
             }
@@ -1052,6 +1140,7 @@ pub async fn storm(t: &Target, s: &Storm) -> anyhow::Result<StormReport> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_after = host.rss_kib();
     let mut r = StormReport {
+        deflate: s.deflate,
         clients: s.clients,
         spread_ms: s.spread.as_millis() as u64,
         devices: s.devices,
@@ -1116,6 +1205,7 @@ fn rss_of(pid: u32) -> u64 {
 async fn storm_client(
     addr: SocketAddr,
     subscribe: &str,
+    deflate: bool,
     shared: &Shared,
     retried: &AtomicU64,
     t0: Instant,
@@ -1123,7 +1213,7 @@ async fn storm_client(
     use tokio::io::AsyncWriteExt;
     let mut tries = 0;
     let mut ws = loop {
-        match LeanClient::connect_with(addr, "/ws-live", false, 4096).await {
+        match LeanClient::connect_with(addr, "/ws-live", false, 4096, deflate).await {
             Ok(ws) => break ws,
             Err(_) if tries < 20 => {
                 tries += 1;
@@ -1137,6 +1227,11 @@ async fn storm_client(
     ws.send_text(subscribe).await?;
     loop {
         let (opcode, head) = ws.next_head(64).await?;
+        // A compressed message: its first bytes inflate to its beginning.
+        let (opcode, head) = match opcode & 0x40 {
+            0 => (opcode, head),
+            _ => (opcode & 0x0F, inflate_start(&head)),
+        };
         match opcode {
             0x1 if head.starts_with(br#"{"type":"subscribed""#) => break,
             0x1 if head.starts_with(br#"{"type":"error""#) => {
@@ -1166,6 +1261,15 @@ async fn storm_client(
         }
     }
     Ok(took)
+}
+
+/// What the first bytes of a compressed message inflate to: its beginning.
+fn inflate_start(head: &[u8]) -> Vec<u8> {
+    let mut d = flate2::Decompress::new(false);
+    let mut out = Vec::with_capacity(1024);
+    // Cut short, the input may end inside a block: what came out is enough.
+    let _ = d.decompress_vec(head, &mut out, flate2::FlushDecompress::None);
+    out
 }
 
 /// Subscribe round trips (connect once, subscribe and unsubscribe `n` times)
@@ -1218,6 +1322,51 @@ pub async fn snapshot_latency(
     let _ = devices_per_event;
     host.stop().await;
     Ok((times, size))
+}
+
+/// One `subscribed` to event `event` on the wire, in bytes, header
+/// included, without and with permessage-deflate; and its entries.
+pub async fn subscribed_size(t: &Target, event: usize) -> anyhow::Result<(usize, usize, usize)> {
+    let directus = standin([event_id(event)]).await?;
+    let host = HostProcess::start(t, &directus, &[]).await?;
+    let addr: SocketAddr = host
+        .ws_url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws-live")
+        .parse()?;
+    let topic = format!("event:{}", event_id(event));
+    let mut sizes = [0; 2];
+    let mut entries = [0; 2];
+    for (i, deflate) in [false, true].into_iter().enumerate() {
+        let mut ws = LeanClient::connect(addr, "/ws-live", false, deflate).await?;
+        ws.send_text(&format!(
+            r#"{{"type":"subscribe","topic":"{topic}","id":"s"}}"#
+        ))
+        .await?;
+        loop {
+            let frame = ws.next().await?;
+            let wire = ws.last_frame;
+            let text = match frame {
+                ServerFrame::Text(r) => &ws.buf[r],
+                ServerFrame::Deflated(r) => ws.inflate(r)?,
+                ServerFrame::Close => anyhow::bail!("closed before subscribed"),
+                _ => continue,
+            };
+            if text.starts_with(br#"{"type":"subscribed""#) {
+                sizes[i] = wire;
+                entries[i] = text.windows(10).filter(|w| w == b"\"deviceId\"").count();
+                break;
+            }
+            if text.starts_with(br#"{"type":"error""#) {
+                anyhow::bail!("{}", String::from_utf8_lossy(text));
+            }
+        }
+    }
+    host.stop().await;
+    if entries[0] != entries[1] {
+        anyhow::bail!("{} entries plain, {} inflated", entries[0], entries[1]);
+    }
+    Ok((sizes[0], sizes[1], entries[0]))
 }
 
 /// Fills `positions` to at least `rows` rows for event `event`'s devices
@@ -1290,11 +1439,16 @@ pub fn save(dir: &Path, name: &str, value: &impl Serialize) -> anyhow::Result<Pa
 /// A storm's report as one line of text.
 pub fn storm_line(r: &StormReport) -> String {
     format!(
-        "storm: {} clients over {} ms, one event of {} devices ({} entries per snapshot): \
+        "storm{}: {} clients over {} ms, one event of {} devices ({} entries per snapshot): \
          {} snapshot queries ({} served from memory), all subscribed after {:.2} s \
          (connect to subscribed p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; {} upgrades retried); \
          host RSS {} KiB before, {} KiB peak, {} KiB after: {:.0} B per connection; \
          served query/flight/cache {}/{}/{}, {} catch-up positions",
+        if r.deflate {
+            " with permessage-deflate"
+        } else {
+            ""
+        },
         r.clients,
         r.spread_ms,
         r.devices,
@@ -1321,14 +1475,18 @@ pub fn storm_line(r: &StormReport) -> String {
 pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>9}\n",
+        "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>9} {:>6}\n",
         "scenario", "clients", "stuck", "rate", "published", "expected", "received", "lost", "dup", "deliv/s",
-        "p50 us", "p99 us", "p999 us", "max us", "rss KiB", "peak KiB", "B/conn", "cpu %", "us/dlv", "conflated"
+        "p50 us", "p99 us", "p999 us", "max us", "rss KiB", "peak KiB", "B/conn", "cpu %", "us/dlv", "conflated", "B/dlv"
     ));
     for r in reports {
         out.push_str(&format!(
-            "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8.0} {:>6.0} {:>7.2} {:>9}\n",
-            r.scenario,
+            "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8.0} {:>6.0} {:>7.2} {:>9} {:>6.0}\n",
+            if r.deflate {
+                format!("{}+deflate", r.scenario)
+            } else {
+                r.scenario.clone()
+            },
             r.clients,
             r.stuck_clients,
             r.rate,
@@ -1347,7 +1505,8 @@ pub fn table(reports: &[Report]) -> String {
             r.rss_bytes_per_connection,
             r.host_cpu_percent,
             r.host_cpu_us_per_delivery,
-            r.conflated
+            r.conflated,
+            r.wire_bytes_per_delivery
         ));
     }
     out

@@ -24,7 +24,7 @@
 //! | `move` | `device`, `from`, `to` | re-registers a device to another event | |
 //! | `drive` | `devices`: n, `interval_ms` | publishes the demo's moving positions until `park` | |
 //! | `park` | | stops `drive` | |
-//! | `stats` | | Directus calls so far, subscriptions held | `users_me_calls`, `items_calls`, `subscriptions` |
+//! | `stats` | | Directus calls so far, subscriptions held, connections that negotiated permessage-deflate and the bytes compressed for them | `users_me_calls`, `items_calls`, `subscriptions`, `deflate_connections`, `deflate_out_bytes` |
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -217,6 +217,8 @@ async fn command(env: &TestEnv, run: &mut Running, cmd: &Value) -> Answer {
             "users_me_calls": env.directus.users_me_calls(),
             "items_calls": env.directus.items_calls(),
             "subscriptions": run.host.as_ref().map(|h| h.inspector.subscriptions()),
+            "deflate_connections": run.host.as_ref().map(|h| h.metrics.deflate_connections.get()),
+            "deflate_out_bytes": run.host.as_ref().map(|h| h.metrics.deflate_out_bytes.get()),
         })),
         other => Err(format!("unknown command `{other}`")),
     }

@@ -3,7 +3,11 @@
 //! codes and reasons, ping and pong, and how soon TCP closes after every
 //! close. This is the conformance suite of the host's own framing layer
 //! (`host/src/ws.rs`): the Autobahn|Testsuite cases of sections 1–7 that
-//! apply to a text-only server without extensions, numbered in the comments.
+//! apply to a text-only server, numbered in the comments, and
+//! permessage-deflate (RFC 7692; Autobahn section 12–13 in spirit): what is
+//! negotiated, compressed client messages and bombs, and server messages
+//! compressed once that inflate, with an independent inflater, to exactly
+//! what an uncompressed client reads.
 
 use std::io;
 use std::time::Duration;
@@ -74,8 +78,12 @@ fn close(code: u16, reason: &[u8]) -> Vec<u8> {
 #[derive(Debug)]
 struct Frame {
     fin: bool,
+    /// RSV1: a compressed message.
+    compressed: bool,
     opcode: u8,
     payload: Vec<u8>,
+    /// Bytes on the wire, header included.
+    wire: usize,
 }
 
 impl Frame {
@@ -98,6 +106,38 @@ enum Tcp {
 struct Raw {
     tcp: TcpStream,
     buf: Vec<u8>,
+    /// permessage-deflate was negotiated: RSV1 may mark a message.
+    deflate: bool,
+}
+
+/// What a browser offers.
+const OFFER: &str = "permessage-deflate; client_max_window_bits";
+/// What the host answers to an offer it accepts.
+const ACCEPTED: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// A compressed message as the client reads it (RFC 7692 §7.2.2), with
+/// flate2's inflater, fresh for each message.
+fn inflate(payload: &[u8]) -> Vec<u8> {
+    let input = [payload, &TAIL[..]].concat();
+    let mut d = flate2::Decompress::new(false);
+    let mut out = Vec::with_capacity(8 << 20);
+    d.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+        .expect("valid DEFLATE");
+    assert_eq!(d.total_in() as usize, input.len(), "all of it read");
+    assert!(out.len() < out.capacity(), "test buffer too small");
+    out
+}
+
+/// A client message compressed (sync flush, tail removed, §7.2.1).
+fn deflate(msg: &[u8]) -> Vec<u8> {
+    let mut c = flate2::Compress::new(flate2::Compression::best(), false);
+    let mut out = Vec::with_capacity(msg.len() + 64);
+    c.compress_vec(msg, &mut out, flate2::FlushCompress::Sync)
+        .expect("compress");
+    assert!(out.ends_with(&TAIL));
+    out.truncate(out.len() - 4);
+    out
 }
 
 /// Sends raw request bytes and returns the response head, and the bytes
@@ -161,7 +201,38 @@ impl Raw {
         let (tcp, head, buf) = http(&addr, &request).await;
         assert_eq!(status(&head), 101, "{head}");
         assert_eq!(header_value(&head, "sec-websocket-accept"), Some(ACCEPT));
-        Raw { tcp, buf }
+        assert_eq!(header_value(&head, "sec-websocket-extensions"), None);
+        Raw {
+            tcp,
+            buf,
+            deflate: false,
+        }
+    }
+
+    /// Opens a WebSocket offering `extensions`; the connection and the
+    /// extensions the host accepted.
+    async fn offering(host: &TestHost, extensions: &str) -> (Raw, Option<String>) {
+        let addr = addr(host);
+        let request = upgrade_request(
+            &addr,
+            &format!("Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Extensions: {extensions}\r\n"),
+        );
+        let (tcp, head, buf) = http(&addr, &request).await;
+        assert_eq!(status(&head), 101, "{head}");
+        let accepted = header_value(&head, "sec-websocket-extensions").map(str::to_owned);
+        let raw = Raw {
+            tcp,
+            buf,
+            deflate: accepted.is_some(),
+        };
+        (raw, accepted)
+    }
+
+    /// Opens a WebSocket with permessage-deflate negotiated.
+    async fn deflating(host: &TestHost) -> Raw {
+        let (raw, accepted) = Raw::offering(host, OFFER).await;
+        assert_eq!(accepted.as_deref(), Some(ACCEPTED));
+        raw
     }
 
     async fn send(&mut self, bytes: &[u8]) {
@@ -187,7 +258,13 @@ impl Raw {
         let [b0, b1, ..] = self.buf[..] else {
             return None;
         };
-        assert_eq!(b0 & 0x70, 0, "server frames set no reserved bit");
+        let reserved = if self.deflate { 0x30 } else { 0x70 };
+        assert_eq!(b0 & reserved, 0, "server frames set no other reserved bit");
+        let compressed = b0 & 0x40 != 0;
+        assert!(
+            !compressed || (b0 & 0x0f == TEXT),
+            "only data messages are compressed: {b0:#x}"
+        );
         assert_eq!(b1 & 0x80, 0, "server frames are not masked");
         let (len, at) = match b1 & 0x7f {
             126 => (
@@ -204,8 +281,10 @@ impl Raw {
         self.buf.drain(..at + len);
         Some(Frame {
             fin: b0 & 0x80 != 0,
+            compressed,
             opcode: b0 & 0x0f,
             payload,
+            wire: at + len,
         })
     }
 
@@ -235,9 +314,21 @@ impl Raw {
 
     /// The next text message, as JSON.
     async fn text(&mut self) -> Value {
+        self.message().await.0
+    }
+
+    /// The next text message, as JSON (inflated if it came compressed), and
+    /// its frame.
+    async fn message(&mut self) -> (Value, Frame) {
         let f = self.reply().await;
         assert_eq!((f.fin, f.opcode), (true, TEXT), "{f:?}");
-        serde_json::from_slice(&f.payload).expect("JSON text")
+        let text = if f.compressed {
+            inflate(&f.payload)
+        } else {
+            f.payload.clone()
+        };
+        let json = serde_json::from_slice(&text).expect("JSON text");
+        (json, f)
     }
 
     /// The host's close frame: its status code.
@@ -745,4 +836,263 @@ async fn a_healthy_connection_is_not_closed_by_any_of_this() {
     c.send(&close(1000, b"done")).await;
     c.answers_close_with(Some(1000), "normal close").await;
     assert!(eventually(|| async { host.metrics.connections.get() == 0 }).await);
+}
+
+#[tokio::test]
+async fn permessage_deflate_is_accepted_only_as_the_host_can_honour_it() {
+    let (env, host) = host().await;
+    let mut open = Vec::new();
+    let window = format!("{ACCEPTED}; server_max_window_bits=15");
+    for (offer, accepted) in [
+        (OFFER, Some(ACCEPTED)),
+        ("permessage-deflate", Some(ACCEPTED)),
+        (
+            "permessage-deflate; client_no_context_takeover; server_no_context_takeover",
+            Some(ACCEPTED),
+        ),
+        // A window the client names is repeated (RFC 7692 §7.1.2.1).
+        (
+            "permessage-deflate; client_max_window_bits=\"12\"; server_max_window_bits=15",
+            Some(window.as_str()),
+        ),
+        // The first offer it can honour, wherever it is in the list.
+        (
+            "x-webkit-deflate-frame, permessage-deflate; server_max_window_bits=9, permessage-deflate",
+            Some(ACCEPTED),
+        ),
+        // A smaller window than the compressor's, unknown parameters, and
+        // malformed lists are declined: the connection goes on without.
+        ("permessage-deflate; server_max_window_bits=10", None),
+        ("permessage-deflate; mystery", None),
+        ("permessage-deflate; client_max_window_bits=\"12", None),
+        ("x-webkit-deflate-frame", None),
+    ] {
+        let (mut c, got) = Raw::offering(&host, offer).await;
+        assert_eq!(got.as_deref(), accepted, "{offer}");
+        c.send(&frame(FIN | TEXT, bad_request("plain").as_bytes()))
+            .await;
+        assert_eq!(c.text().await["id"], "plain", "{offer}");
+        open.push(c);
+    }
+    assert!(eventually(|| async { host.metrics.deflate_connections.get() == 5 }).await);
+    assert!(
+        host.scrape()
+            .await
+            .contains("livecast_ws_deflate_connections 5")
+    );
+
+    // Turned off: never negotiated.
+    let mut config = env.config();
+    config.live_ws_deflate = false;
+    let off = env.start_host_with(config).await;
+    let (_c, got) = Raw::offering(&off, OFFER).await;
+    assert_eq!(got, None);
+}
+
+#[tokio::test]
+async fn compressed_client_messages_are_inflated_within_the_limit() {
+    let (_env, host) = host().await;
+    let mut c = Raw::deflating(&host).await;
+    // Whole, fragmented (RSV1 on the first frame only), and, as the
+    // extension allows, uncompressed.
+    let msg = format!("{:<2000}", bad_request("packed"));
+    let packed = deflate(msg.as_bytes());
+    assert!(packed.len() < 200);
+    c.send(&frame(FIN | 0x40 | TEXT, &packed)).await;
+    assert_eq!(c.text().await["id"], "packed");
+    let (a, b) = packed.split_at(packed.len() / 2);
+    let mut f = frame(0x40 | TEXT, a);
+    f.extend(frame(FIN | PING, b"between"));
+    f.extend(frame(FIN | CONTINUATION, b));
+    c.send(&f).await;
+    let pong = c.frame().await;
+    assert_eq!((pong.opcode, &pong.payload[..]), (PONG, &b"between"[..]));
+    assert_eq!(c.text().await["id"], "packed");
+    c.send(&frame(FIN | TEXT, bad_request("plain").as_bytes()))
+        .await;
+    assert_eq!(c.text().await["id"], "plain");
+    // Up to the 16 KiB limit, inflated.
+    let msg = format!("{:<16384}", bad_request("limit"));
+    c.send(&frame(FIN | 0x40 | TEXT, &deflate(msg.as_bytes())))
+        .await;
+    assert_eq!(c.text().await["id"], "limit");
+    c.still_works("after compressed messages").await;
+
+    // A decompression bomb: 10 MiB in a few KiB, 1009.
+    let bomb = deflate(&vec![b' '; 10 << 20]);
+    assert!(bomb.len() < 16 * 1024, "{}", bomb.len());
+    let mut c = Raw::deflating(&host).await;
+    c.send(&frame(FIN | 0x40 | TEXT, &bomb)).await;
+    c.fails_with(1009, "decompression bomb").await;
+    // One byte over the limit once inflated.
+    let mut c = Raw::deflating(&host).await;
+    let over = format!("{:<16385}", bad_request("over"));
+    c.send(&frame(FIN | 0x40 | TEXT, &deflate(over.as_bytes())))
+        .await;
+    c.fails_with(1009, "16 KiB + 1 inflated").await;
+
+    // RSV1 where it may not be: 1002.
+    let packed = deflate(bad_request("x").as_bytes());
+    let cases: [(&str, bool, Vec<u8>); 5] = [
+        (
+            "RSV1 without negotiation",
+            false,
+            frame(FIN | 0x40 | TEXT, &packed),
+        ),
+        ("RSV1 on a ping", true, frame(FIN | 0x40 | PING, b"")),
+        ("RSV1 on a continuation", true, {
+            let mut f = frame(0x40 | TEXT, &packed[..2]);
+            f.extend(frame(FIN | 0x40 | CONTINUATION, &packed[2..]));
+            f
+        }),
+        ("RSV2 with deflate", true, frame(FIN | 0x20 | TEXT, b"{}")),
+        (
+            "not DEFLATE",
+            true,
+            frame(FIN | 0x40 | TEXT, &[0xff, 0xff, 0xff]),
+        ),
+    ];
+    for (case, negotiated, bytes) in cases {
+        let mut c = if negotiated {
+            Raw::deflating(&host).await
+        } else {
+            Raw::open(&host).await
+        };
+        c.send(&bytes).await;
+        c.fails_with(1002, case).await;
+    }
+}
+
+fn device(i: usize) -> String {
+    format!("35630704{:07}", 1_000_000 + i)
+}
+
+/// The issue's case: a 500-device `subscribed`, compressed once for every
+/// subscriber that negotiated permessage-deflate, at least five times
+/// smaller on the wire, and the same JSON once inflated; live positions
+/// compressed once per topic.
+#[tokio::test]
+async fn a_500_device_snapshot_is_compressed_once_and_five_times_smaller() {
+    let env = TestEnv::new().await;
+    const N: usize = 500;
+    let devices: Vec<String> = (0..N).map(device).collect();
+    let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
+    let event = env.event(&refs).await;
+    env.user("u", None, &[event]);
+    let t0 = now_ms() - 600_000;
+    // Spread over a few kilometres and minutes, as a field of trackers is.
+    for (i, d) in devices.iter().enumerate() {
+        let (a, b) = ((i * 7907) % 1000, (i * 6011) % 1000);
+        env.insert_position(
+            d,
+            t0 + (i as i64 * 7919) % 300_000,
+            41.3 + a as f64 * 1.7e-4 + i as f64 * 1e-7,
+            19.8 + b as f64 * 2.3e-4,
+            false,
+        )
+        .await;
+    }
+    let mut config = env.config();
+    // Every subscribe of the test shares one snapshot.
+    config.live_snapshot_share_ms = 10_000;
+    let host = env.start_host_with(config).await;
+    let subscribe = |id: &str| {
+        let msg = format!(r#"{{"type":"subscribe","topic":"event:{event}","id":"{id}"}}"#);
+        frame(FIN | TEXT, msg.as_bytes())
+    };
+
+    let mut plain = Raw::open(&host).await;
+    plain.send(&subscribe("same")).await;
+    let (want, plain_frame) = plain.message().await;
+    assert!(!plain_frame.compressed);
+    assert_eq!(want["snapshot"].as_array().map(Vec::len), Some(N));
+
+    let mut clients = Vec::new();
+    let mut packed = Vec::new();
+    for _ in 0..3 {
+        let mut c = Raw::deflating(&host).await;
+        c.send(&subscribe("same")).await;
+        let (got, f) = c.message().await;
+        assert!(f.compressed, "RSV1 set");
+        assert_eq!(got, want, "the same reply once inflated");
+        packed.push(f.wire);
+        clients.push(c);
+    }
+    let ratio = plain_frame.wire as f64 / packed[0] as f64;
+    // Printed for the record (`--nocapture`): docs/benchmarks.md quotes it.
+    println!(
+        "500-device subscribed: {} bytes plain, {} compressed on the wire ({ratio:.1}x)",
+        plain_frame.wire, packed[0]
+    );
+    assert!(ratio >= 5.0, "only {ratio:.1}x smaller");
+    assert!(packed.iter().all(|n| *n == packed[0]));
+    // Compressed once for the three of them: the body alone went in.
+    let m = &host.metrics;
+    let body_in = m.deflate_in_bytes.get() as usize;
+    assert!(
+        body_in < plain_frame.payload.len() && body_in > plain_frame.payload.len() / 2,
+        "{body_in} bytes compressed for a {}-byte reply",
+        plain_frame.payload.len()
+    );
+
+    // A live position: compressed once for the topic, the same message
+    // once inflated.
+    env.publish(&payload(&devices[7], now_ms(), 41.31, 19.81))
+        .await;
+    let (want, f) = plain.message().await;
+    assert_eq!(want["type"], "position", "{want}");
+    assert!(!f.compressed);
+    for c in &mut clients {
+        let (got, f) = c.message().await;
+        assert!(f.compressed);
+        assert_eq!(got, want);
+    }
+    let position_in = m.deflate_in_bytes.get() as usize - body_in;
+    assert_eq!(
+        position_in,
+        f.payload.len(),
+        "compressed once, not per client"
+    );
+}
+
+/// A resume's delta (docs/protocol.md §14) goes out like a snapshot: the
+/// same reply once inflated, compressed for a client that negotiated it.
+#[tokio::test]
+async fn a_resume_delta_is_compressed_like_a_snapshot() {
+    let env = TestEnv::new().await;
+    const N: usize = 20;
+    let devices: Vec<String> = (0..N).map(device).collect();
+    let refs: Vec<&str> = devices.iter().map(String::as_str).collect();
+    let event = env.event(&refs).await;
+    env.user("u", None, &[event]);
+    let mut config = env.config();
+    config.live_resume_slack_ms = 0;
+    let host = env.start_host_with(config).await;
+    // The host has read the stream since before `since`.
+    let since = now_ms();
+    let mut watcher = host.connect(&cookie("u")).await;
+    watcher.subscribe(event, "w").await;
+    for (i, d) in devices.iter().enumerate() {
+        env.publish(&payload(d, since + 1 + i as i64, 41.3, 19.8))
+            .await;
+    }
+    watcher.ts_until(&devices[N - 1], since + N as i64).await;
+    let resume = frame(
+        FIN | TEXT,
+        format!(r#"{{"type":"subscribe","topic":"event:{event}","id":"r","since":{since}}}"#)
+            .as_bytes(),
+    );
+
+    let mut plain = Raw::open(&host).await;
+    plain.send(&resume).await;
+    let (want, f) = plain.message().await;
+    assert!(!f.compressed);
+    assert_eq!(want["delta"], true, "{want}");
+    assert_eq!(want["snapshot"].as_array().map(Vec::len), Some(N));
+
+    let mut packed = Raw::deflating(&host).await;
+    packed.send(&resume).await;
+    let (got, f) = packed.message().await;
+    assert!(f.compressed, "RSV1 set");
+    assert_eq!(got, want, "the same delta once inflated");
 }

@@ -1,8 +1,9 @@
 // The live map page in a real browser: headless Chromium opens the page as
 // `livecast demo` serves it (the fixture's host, with the demo's page and
-// moving trackers), sees the markers appear and move, and saves a
-// screenshot. A second tab without the session cookie must end up
-// "unauthorized", not retrying for ever.
+// moving trackers), sees the markers appear and move (over
+// permessage-deflate, which Chromium negotiates), and saves a screenshot.
+// A second tab without the session cookie must end up "unauthorized", not
+// retrying for ever.
 //
 //   cargo build -p livecast-tests --bin livecast-fixture
 //   node --test clients/js/test/browser/
@@ -85,6 +86,12 @@ test('the demo map shows every device, moving, in a real browser', { timeout: 12
     'the device list and the record rate',
   );
   assert.equal(page1.connection, 'live');
+  // Chromium offers permessage-deflate on every connection: the map's
+  // connection negotiated it (the refused tab never got a 101), and the
+  // snapshot and positions it drew came compressed.
+  const stats = await f.cmd({ cmd: 'stats' });
+  assert.equal(stats.deflate_connections, 1, JSON.stringify(stats));
+  assert.ok(stats.deflate_out_bytes > 0, JSON.stringify(stats));
   for (const [device, speed, age] of page1.rows) {
     assert.match(device, /^35630704244\d{4}$/);
     assert.match(speed, /^\d+$/);
