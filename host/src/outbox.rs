@@ -308,19 +308,27 @@ impl Inner {
         true
     }
 
-    fn shrink_when_idle(&mut self) {
-        if self.newest.is_empty() && self.newest.capacity() > KEEP_SLOTS {
+    /// Gives back emptied buffers: above their keep sizes always, and all
+    /// of them when the connection is `quiet` (no position written and no
+    /// tick coming: idle until the next push), which is where most
+    /// connections spend their time.
+    fn shrink_when_idle(&mut self, quiet: bool) {
+        let (slots, queue) = if quiet {
+            (0, 0)
+        } else {
+            (KEEP_SLOTS, KEEP_QUEUE)
+        };
+        if self.newest.is_empty() && self.newest.capacity() > slots {
             self.newest = FxHashMap::default();
         }
-        if self.held_slots.is_empty() && self.held_slots.capacity() > KEEP_SLOTS {
+        if self.held_slots.is_empty() && self.held_slots.capacity() > slots {
             self.held_slots = FxHashMap::default();
         }
-        for q in [&mut self.queue] {
-            if q.is_empty() && q.capacity() > KEEP_QUEUE {
-                *q = VecDeque::new();
-            }
+        if self.queue.is_empty() && self.queue.capacity() > queue {
+            self.queue = VecDeque::new();
         }
-        if self.control.is_empty() && self.control.capacity() > KEEP_QUEUE {
+        // Control frames are rare (replies, pings): no room kept for them.
+        if self.control.is_empty() {
             self.control = VecDeque::new();
         }
     }
@@ -675,10 +683,14 @@ impl Outbox {
             }
             Flushed::Done => {
                 wire.stalled_since = None;
-                if wire.frames.capacity() > KEEP_QUEUE {
+                // A busy connection keeps its wire's room from tick to tick;
+                // one that went quiet gives it back (idle connections are
+                // most of them, and a snapshot's burst grew it).
+                let quiet = !positions && inner.cool_until.is_none();
+                if quiet || wire.frames.capacity() > KEEP_QUEUE {
                     wire.frames = VecDeque::new();
                 }
-                inner.shrink_when_idle();
+                inner.shrink_when_idle(quiet);
             }
             _ => {}
         }
@@ -1216,6 +1228,27 @@ mod tests {
             Pushed::Queued { first: true }
         );
         assert_eq!(writes_at(&o, tick + Duration::from_millis(21)), [["a3"]]);
+    }
+
+    #[test]
+    fn a_connection_that_goes_quiet_keeps_no_buffers() {
+        let o = coalescing(20);
+        let t0 = Instant::now();
+        // A subscribe's burst: its reply and a few positions.
+        o.push_control(b("subscribed"));
+        for d in 0..10 {
+            o.push_kept(0, d, 1, &b("p"));
+        }
+        assert_eq!(writes_at(&o, t0).concat().len(), 11);
+        // Its tick is coming: a busy connection keeps its wire's room.
+        assert!(o.wire().frames.capacity() > 0);
+        // The tick finds nothing: idle until the next push, and an idle
+        // connection (most of them) holds no buffer.
+        assert!(writes_at(&o, t0 + Duration::from_millis(20)).is_empty());
+        assert_eq!(o.wire().frames.capacity(), 0);
+        let inner = o.lock();
+        assert_eq!((inner.control.capacity(), inner.queue.capacity()), (0, 0));
+        assert_eq!(inner.newest.capacity(), 0);
     }
 
     #[test]
