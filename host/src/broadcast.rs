@@ -550,14 +550,7 @@ impl Broadcaster {
         let snapshot = EventSnapshot::new(job.event, entries, from_memory, generation);
         if !self.chain.has_delivery() {
             // One view for everyone, serialized here once.
-            snapshot.view(None, |s| {
-                let entries: Vec<_> = s
-                    .entries
-                    .iter()
-                    .map(|e| (e.idx, e.ts_ms, e.body.clone(), e.floor))
-                    .collect();
-                SnapshotView::new(&entries)
-            });
+            snapshot.view(None, |s| self.audience_view(s, &Identity::default(), false));
         }
         let _ = job.reply.send(snapshot);
     }
@@ -842,17 +835,8 @@ mod tests {
 
         /// A subscriber that negotiated permessage-deflate, or not.
         fn subscriber_with(&self, conn: u64, events: &[Uuid], deflate: bool) -> Arc<Outbox> {
-            let o = Arc::new(
-                Outbox::new(
-                    crate::outbox::Limits {
-                        control_bytes: 1 << 20,
-                        positions: 64,
-                        flush_interval: std::time::Duration::ZERO,
-                    },
-                    None,
-                )
-                .with_deflate(deflate),
-            );
+            let o =
+                Arc::new(Outbox::for_tests(64, std::time::Duration::ZERO).with_deflate(deflate));
             for e in events {
                 self.registry
                     .subscribe(*e, conn, &Arc::new(Identity::default()), &o);
@@ -882,8 +866,8 @@ mod tests {
             .into_bytes()
     }
 
-    /// (topic, device, ts) of every position the outbox would write now.
-    fn sent(o: &Outbox) -> Vec<(String, String, i64)> {
+    /// The bytes the outbox would write now.
+    fn written(o: &Outbox) -> Vec<u8> {
         let mut wire = Vec::new();
         o.flush_with(|slices| {
             let n = slices.iter().map(|s| s.len()).sum();
@@ -892,6 +876,12 @@ mod tests {
             }
             Ok::<_, io::Error>(n)
         });
+        wire
+    }
+
+    /// (topic, device, ts) of every position the outbox would write now.
+    fn sent(o: &Outbox) -> Vec<(String, String, i64)> {
+        let wire = written(o);
         let mut out = Vec::new();
         let mut rest = &wire[..];
         while rest.len() > 2 {
@@ -913,14 +903,7 @@ mod tests {
 
     /// The one frame the outbox would write now: its first byte and payload.
     fn one_frame(o: &Outbox) -> (u8, Vec<u8>) {
-        let mut wire = Vec::new();
-        o.flush_with(|slices| {
-            let n = slices.iter().map(|s| s.len()).sum();
-            for s in slices {
-                wire.extend_from_slice(s);
-            }
-            Ok::<_, io::Error>(n)
-        });
+        let wire = written(o);
         let (len, at) = match wire[1] {
             126 => (usize::from(u16::from_be_bytes([wire[2], wire[3]])), 4),
             n => (usize::from(n), 2),

@@ -16,11 +16,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 use rustc_hash::FxHashSet;
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::broadcast::{DeltaJob, Served, Work};
+use crate::broadcast::Served;
 use crate::deflate;
 use crate::directus::{Authz, Credential, User};
 use crate::ids::ConnId;
@@ -28,7 +27,6 @@ use crate::metrics::{Counted, inc};
 use crate::outbox::{Flushed, Outbox};
 use crate::protocol::{self, ErrorCode, ErrorReply, Request, RequestKind};
 use crate::registry::Identity;
-use crate::resume::Full;
 use crate::snapshot::EventSnapshot;
 use crate::snapshots::{self, Source, Sources};
 use crate::state::Shared;
@@ -511,7 +509,7 @@ async fn subscribe(
     if let Some(since) = req.since {
         // Past i64 is far in the future: the full snapshot.
         let since = i64::try_from(since).unwrap_or(i64::MAX);
-        match delta(&shared, req.event, since, &identity, outbox.deflate()).await {
+        match snapshots::delta(req.event, since, &identity, outbox.deflate(), &shared.work).await {
             Ok(served) => {
                 inc(&m.resumes, "result", "delta");
                 m.snapshot_size.observe(served.view.len() as f64);
@@ -562,30 +560,6 @@ fn subscribed_frame(head: bytes::Bytes, served: &Served, outbox: &Outbox) -> Out
         Some(body) => OutFrame::deflated_parts(deflate::stored(&head), body.clone()),
         None => OutFrame::text_parts(head, served.view.body.clone()),
     }
-}
-
-/// Has the record path answer a resume from memory; `Err` when only the
-/// full snapshot will do.
-async fn delta(
-    shared: &Shared,
-    event: Uuid,
-    since: i64,
-    identity: &Arc<Identity>,
-    deflate: bool,
-) -> Result<Served, Full> {
-    let (reply, answer) = oneshot::channel();
-    let job = DeltaJob {
-        event,
-        since,
-        identity: identity.clone(),
-        deflate,
-        reply,
-    };
-    if shared.work.send(Work::Delta(job)).await.is_err() {
-        // Shutting down: the full path answers with what it can.
-        return Err(Full::NotCovered);
-    }
-    answer.await.unwrap_or(Err(Full::NotCovered))
 }
 
 #[cfg(test)]

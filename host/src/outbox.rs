@@ -750,6 +750,20 @@ impl Outbox {
         self.notify.notified().await
     }
 
+    /// An outbox without a socket, a position budget of `positions` and a
+    /// control backlog of 1 MiB, for unit tests of the modules around it.
+    #[cfg(test)]
+    pub fn for_tests(positions: usize, flush_interval: Duration) -> Self {
+        Self::new(
+            Limits {
+                control_bytes: 1 << 20,
+                positions,
+                flush_interval,
+            },
+            None,
+        )
+    }
+
     /// Refuses further pushes and frees the queue.
     pub fn close(&self) {
         *self.wire() = Wire::default();
@@ -766,14 +780,7 @@ mod tests {
     use super::*;
 
     fn outbox(positions: usize) -> Outbox {
-        Outbox::new(
-            Limits {
-                control_bytes: 1 << 20,
-                positions,
-                flush_interval: Duration::ZERO,
-            },
-            None,
-        )
+        Outbox::for_tests(positions, Duration::ZERO)
     }
 
     impl Outbox {
@@ -1184,14 +1191,7 @@ mod tests {
     }
 
     fn coalescing(interval_ms: u64) -> Outbox {
-        Outbox::new(
-            Limits {
-                control_bytes: 1 << 20,
-                positions: 64,
-                flush_interval: Duration::from_millis(interval_ms),
-            },
-            None,
-        )
+        Outbox::for_tests(64, Duration::from_millis(interval_ms))
     }
 
     #[test]

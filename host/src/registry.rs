@@ -221,14 +221,7 @@ mod tests {
     fn groups_by_identity_and_cleans_up() {
         let r = Registry::default();
         let e = Uuid::new_v4();
-        let o = Arc::new(Outbox::new(
-            crate::outbox::Limits {
-                control_bytes: 1024,
-                positions: 64,
-                flush_interval: std::time::Duration::ZERO,
-            },
-            None,
-        ));
+        let o = Arc::new(Outbox::for_tests(64, std::time::Duration::ZERO));
         let viewer = Arc::new(Identity {
             role: "viewer".into(),
             user_id: "u1".into(),
@@ -261,14 +254,7 @@ mod tests {
     fn a_view_stays_as_it_was_while_others_change_the_registry() {
         let r = Registry::default();
         let e = Uuid::new_v4();
-        let o = Arc::new(Outbox::new(
-            crate::outbox::Limits {
-                control_bytes: 1024,
-                positions: 64,
-                flush_interval: std::time::Duration::ZERO,
-            },
-            None,
-        ));
+        let o = Arc::new(Outbox::for_tests(64, std::time::Duration::ZERO));
         let id = Arc::new(Identity::default());
         r.subscribe(e, 1, &id, &o);
         let batch = r.view();

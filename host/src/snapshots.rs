@@ -21,11 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::broadcast::{BuildJob, ServeJob, Served, Work};
+use crate::broadcast::{BuildJob, DeltaJob, ServeJob, Served, Work};
 use crate::ids::TopicIdx;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::registry::Identity;
+use crate::resume::Full;
 use crate::snapshot::{EventSnapshot, SNAPSHOT_SQL, View};
 
 /// Where a subscriber's snapshot came from.
@@ -264,6 +265,30 @@ pub async fn serve(
         view: Arc::new(View::new(&[])),
         caught_up: 0,
     })
+}
+
+/// Has the record path answer a resume (`since`) of one subscriber, whose
+/// topic is held, from memory; `Err` when only the full snapshot will do.
+pub async fn delta(
+    event: Uuid,
+    since: i64,
+    identity: &Arc<Identity>,
+    deflate: bool,
+    work: &mpsc::Sender<Work>,
+) -> Result<Served, Full> {
+    let (reply, answer) = oneshot::channel();
+    let job = DeltaJob {
+        event,
+        since,
+        identity: identity.clone(),
+        deflate,
+        reply,
+    };
+    if work.send(Work::Delta(job)).await.is_err() {
+        // Shutting down: the full path answers with what it can.
+        return Err(Full::NotCovered);
+    }
+    answer.await.unwrap_or(Err(Full::NotCovered))
 }
 
 #[cfg(test)]

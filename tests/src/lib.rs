@@ -395,7 +395,20 @@ impl TestEnv {
     /// `XADD`s of many positions in one pipeline: a burst, as a tracker
     /// uploading its buffer after a coverage gap, or many trackers at once.
     pub async fn publish_all(&self, payloads: &[Value]) {
+        self.xadd_all(payloads, false).await;
+    }
+
+    /// `XADD`s of positions in one transaction (`MULTI`/`EXEC`): the host
+    /// reads them as one batch.
+    pub async fn publish_batch(&self, payloads: &[Value]) {
+        self.xadd_all(payloads, true).await;
+    }
+
+    async fn xadd_all(&self, payloads: &[Value], atomic: bool) {
         let mut pipe = redis::pipe();
+        if atomic {
+            pipe.atomic();
+        }
         for p in payloads {
             pipe.cmd("XADD")
                 .arg(&self.stream)

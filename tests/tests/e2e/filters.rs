@@ -41,30 +41,6 @@ fn ts_of(positions: &[Value], device: &str) -> Vec<i64> {
         .collect()
 }
 
-/// Publishes the payloads in one transaction, so that the host reads them
-/// as one batch.
-async fn publish_batch(env: &TestEnv, payloads: &[Value]) {
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    for p in payloads {
-        pipe.cmd("XADD")
-            .arg(&env.stream)
-            .arg("*")
-            .arg("ts")
-            .arg(p["timestamp"].as_str().unwrap_or_default())
-            .arg("device_id")
-            .arg(p["device_id"].as_str().unwrap_or_default())
-            .arg("codec")
-            .arg("8E")
-            .arg("payload")
-            .arg(p.to_string());
-    }
-    let () = pipe
-        .query_async(&mut env.redis.clone())
-        .await
-        .expect("XADD batch");
-}
-
 /// Positions until `done` holds for them (or `wait` passes), without
 /// listening on afterwards: the caller times the arrival.
 async fn until(c: &mut Client, wait: Duration, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
@@ -346,7 +322,7 @@ async fn isolation_keeps_every_good_record_of_a_mixed_batch_in_order() {
         .enumerate()
         .map(|(i, d)| payload(d, t0 + i as i64, 1.0, 1.0))
         .collect();
-    publish_batch(&env, &batch).await;
+    env.publish_batch(&batch).await;
     let got = c
         .positions_until(SOON, |got| has(got, GOOD[5], t0 + 8))
         .await;
@@ -413,7 +389,7 @@ async fn a_plugin_that_runs_out_of_time_holds_up_the_record_path_a_bounded_time(
             payload(GOOD[2], ts, 1.0, 1.0),
         ];
         let sent = Instant::now();
-        publish_batch(&env, &batch).await;
+        env.publish_batch(&batch).await;
         let got = until(&mut c, EVENTUALLY, |got| {
             GOOD[..3].iter().all(|d| has(got, d, ts))
         })
@@ -448,11 +424,8 @@ async fn a_plugin_that_runs_out_of_time_holds_up_the_record_path_a_bounded_time(
         FilterMetrics::count(&f.by_policy, "spin"),
     );
     let ts = t0 + 10 * rounds;
-    publish_batch(
-        &env,
-        &[payload(B, ts, 1.0, 1.0), payload(GOOD[0], ts, 1.0, 1.0)],
-    )
-    .await;
+    env.publish_batch(&[payload(B, ts, 1.0, 1.0), payload(GOOD[0], ts, 1.0, 1.0)])
+        .await;
     let got = until(&mut c, SOON, |got| has(got, B, ts) && has(got, GOOD[0], ts)).await;
     assert!(has(&got, B, ts) && has(&got, GOOD[0], ts), "{got:?}");
     assert_eq!(f.failures_of("spin", "timeout"), timeouts);
