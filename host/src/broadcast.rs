@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::deflate::Packed;
 use crate::devices::{DeviceEvents, DeviceMap};
 use crate::filter::{AudienceRef, Chain, Decided, Record};
+use crate::flusher::Flusher;
 use crate::ids::{DeviceIdx, TopicIdx};
 use crate::latest::{Latest, LatestPositions, Observed};
 use crate::metrics::Metrics;
@@ -116,6 +117,8 @@ pub struct Broadcaster {
     max_record_bytes: usize,
     /// Shorter messages are not compressed (`LIVE_WS_DEFLATE_MIN_BYTES`).
     deflate_min: usize,
+    /// Writes what a batch queued for quiet connections.
+    flusher: Arc<Flusher>,
     malformed_log: LogLimiter,
     // Reused between batches.
     records: Vec<Record>,
@@ -195,15 +198,16 @@ impl<'v> Delivery<'v> {
         self.tally.pushed(p);
     }
 
-    /// Counts the batch in the metrics, then wakes the connections it gave
-    /// work to. In this order, so a record a client has seen is always
-    /// counted by then.
+    /// Counts the batch in the metrics, then has the connections it gave
+    /// their first positions written. In this order, so a record a client
+    /// has seen is always counted by then.
     ///
-    /// Each connection is woken once, after the whole batch: its task then
-    /// writes the batch in one syscall, and the writes of a thousand clients
-    /// run on every core of the runtime (writing them here, on one thread,
-    /// lost that batching; see docs/benchmarks.md).
-    fn finish(self, metrics: &Metrics) {
+    /// Written after the whole batch, so a client gets it in one syscall,
+    /// by the flusher's shards, so that the writes of a thousand clients run
+    /// on every core of the runtime (writing them here, on one thread, lost
+    /// that; see docs/benchmarks.md). Connections waiting for their tick
+    /// are not here: their shard writes them when it comes.
+    fn finish(self, metrics: &Metrics, flusher: &Flusher) {
         let t = &self.tally;
         metrics.records_stale.inc_by(t.stale);
         metrics.records_unrouted.inc_by(t.unrouted);
@@ -212,9 +216,7 @@ impl<'v> Delivery<'v> {
         metrics.conflated.inc_by(t.conflated);
         metrics.deflate_in_bytes.inc_by(t.deflate_in);
         metrics.deflate_out_bytes.inc_by(t.deflate_out);
-        for outbox in self.dirty {
-            outbox.wake();
-        }
+        flusher.write_now(&self.dirty);
     }
 }
 
@@ -256,6 +258,7 @@ impl Broadcaster {
             metrics,
             max_record_bytes,
             deflate_min: usize::MAX,
+            flusher: Arc::new(Flusher::new(1)),
             malformed_log: LogLimiter::new(Duration::from_secs(10)),
             records: Vec::new(),
             bodies: Vec::new(),
@@ -267,6 +270,13 @@ impl Broadcaster {
     /// negotiated permessage-deflate (none are, without this).
     pub fn with_deflate_min(mut self, min: usize) -> Self {
         self.deflate_min = min;
+        self
+    }
+
+    /// Has `flusher` write the positions a batch queued (without one, they
+    /// wait in the outboxes: unit tests write them by hand).
+    pub fn with_flusher(mut self, flusher: Arc<Flusher>) -> Self {
+        self.flusher = flusher;
         self
     }
 
@@ -376,7 +386,7 @@ impl Broadcaster {
                 out.push(outbox, topic.idx, position, &msg);
             }
         });
-        out.tally(routing).finish(&self.metrics);
+        out.tally(routing).finish(&self.metrics, &self.flusher);
     }
 
     /// With a delivery stage: the chain decides per (record, audience), in
@@ -416,7 +426,7 @@ impl Broadcaster {
         if pairs.is_empty() {
             Delivery::new(self.deflate_min)
                 .tally(routing)
-                .finish(&self.metrics);
+                .finish(&self.metrics, &self.flusher);
             return;
         }
         let refs: Vec<AudienceRef<'_>> = audiences
@@ -485,7 +495,7 @@ impl Broadcaster {
                 out.push(outbox, topic.idx, position, msg);
             }
         }
-        out.tally(routing).finish(&self.metrics);
+        out.tally(routing).finish(&self.metrics, &self.flusher);
     }
 
     /// Builds an event's snapshot: the record stage over database rows

@@ -241,7 +241,8 @@ async fn close(
     ws.closing();
     let _ = tokio::time::timeout(grace, async {
         loop {
-            match outbox.flush() {
+            // A closing connection has no positions left: no tick to keep.
+            match outbox.flush().0 {
                 Flushed::Done => break,
                 Flushed::Blocked => {
                     if ws.socket().writable().await.is_err() {
@@ -277,7 +278,7 @@ impl Conn {
         let shutdown = self.shared.shutdown.clone();
         let socket = ws.socket();
         loop {
-            match self.outbox.flush() {
+            match self.flush() {
                 Flushed::Done | Flushed::Blocked => {}
                 Flushed::Overflow => return End::Slow,
                 Flushed::Gone => return End::Client,
@@ -288,25 +289,19 @@ impl Conn {
             let blocked = self.outbox.stalled_since();
             let give_up =
                 blocked.map_or_else(|| Instant::now() + slow, |t| Instant::from_std(t) + slow);
-            // Positions that arrived within the flush interval of the last
-            // write leave at the tick, together; the record path does not
-            // wake a connection that has one coming.
-            let tick = self.outbox.next_tick();
-            let tick_at = tick.map_or_else(Instant::now, Instant::from_std);
 
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return End::Shutdown,
                 // No progress for the slow-client timeout, even on a last try.
                 _ = tokio::time::sleep_until(give_up), if blocked.is_some() => {
-                    let _ = self.outbox.flush();
+                    let _ = self.flush();
                     if self.outbox.stalled_since().is_some_and(|t| t.elapsed() >= slow) {
                         return End::Slow;
                     }
                 }
                 // The socket drains: write the rest (at the top of the loop).
                 _ = socket.writable(), if blocked.is_some() => {}
-                _ = tokio::time::sleep_until(tick_at), if tick.is_some() && blocked.is_none() => {}
                 read = ws.read(&mut incoming), if self.requests.accepting() => {
                     last_seen = Instant::now();
                     match read {
@@ -362,6 +357,17 @@ impl Conn {
                 _ = self.outbox.wait() => {}
             }
         }
+    }
+
+    /// Writes what the outbox holds. Positions that went out (with a
+    /// control message, or after the socket drained) arm the connection's
+    /// tick, which its flusher shard keeps from here on.
+    fn flush(&self) -> Flushed {
+        let (flushed, tick) = self.outbox.flush();
+        if let Some(at) = tick {
+            self.shared.flusher.tick_at(&self.outbox, at);
+        }
+        flushed
     }
 
     fn reply_error(&self, e: ErrorReply) {

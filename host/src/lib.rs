@@ -12,8 +12,10 @@
 //! ```text
 //! consumer   XREADGROUP batch (own group, NOACK)
 //! broadcast  decode once → filter::Chain → latest → route via devices + registry
-//! outbox     per connection: ordered control lane + one slot per (topic, device)
-//! connection writes what the outbox holds, one vectored write per wake-up
+//! outbox     per connection: ordered control lane + positions in arrival order
+//! flusher    writes quiet connections at once, busy ones at their tick: one
+//!            vectored write each (the connection's task writes control
+//!            messages and waits out a blocked socket)
 //! ```
 //!
 //! One client's way: `server` (upgrade) → `auth` (Origin, Directus
@@ -34,6 +36,7 @@ mod dev;
 mod devices;
 mod directus;
 mod filter;
+mod flusher;
 mod ids;
 mod latest;
 mod logging;

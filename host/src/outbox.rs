@@ -15,12 +15,13 @@
 //! copies.
 //!
 //! The record path pushes a batch's positions into every subscriber's outbox
-//! (a lock, an integer-keyed lookup, a reference-count increment) and wakes
-//! each connection task it gave work to, once per batch. The task
-//! [`Outbox::flush`]es: non-blocking vectored writes straight from the
-//! shared bytes. When a socket would block, the task waits for it to drain
-//! (up to the slow-client timeout, counted from its last progress) while the
-//! record path keeps queueing, and past the budget conflating.
+//! (a lock, an integer-keyed lookup, a reference-count increment) and hands
+//! the connections it gave their first positions to the `flusher`, once per
+//! batch, which [`Outbox::flush`]es them: non-blocking vectored writes
+//! straight from the shared bytes. When a socket would block, the
+//! connection's task waits for it to drain (up to the slow-client timeout,
+//! counted from its last progress) while the record path keeps queueing,
+//! and past the budget conflating.
 //!
 //! Control frames are written before positions, so `subscribed` precedes
 //! the positions of its topic. While a subscription's snapshot is being
@@ -347,7 +348,7 @@ enum Enqueued {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     /// Queued; `first` when the outbox had nothing to send before (the
-    /// pusher should wake its task).
+    /// pusher should have it written: the flusher).
     Queued { first: bool },
     /// Replaced an older position the client had not received yet.
     Conflated,
@@ -391,6 +392,8 @@ pub struct Outbox {
     socket: Option<Socket>,
     /// The client negotiated permessage-deflate.
     deflate: bool,
+    /// The flusher's shard that writes its positions.
+    shard: usize,
 }
 
 impl Outbox {
@@ -403,7 +406,18 @@ impl Outbox {
             limits,
             socket,
             deflate: false,
+            shard: 0,
         }
+    }
+
+    /// An outbox written by the flusher's shard `shard`.
+    pub fn on_shard(mut self, shard: usize) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    pub fn shard(&self) -> usize {
+        self.shard
     }
 
     /// An outbox of a client that negotiated permessage-deflate: the record
@@ -608,31 +622,35 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Writes what is queued without waiting (the connection task calls it
-    /// when woken, and when its blocked socket drains).
-    pub fn flush(&self) -> Flushed {
+    /// Writes what is queued without waiting (a flusher's shard calls it,
+    /// and the connection's task when it has a control message or its
+    /// blocked socket drains). With it, when this wrote positions and the
+    /// connection's next ones must wait for its tick: when that is (the
+    /// caller hands it to the flusher).
+    pub fn flush(&self) -> (Flushed, Option<Instant>) {
         let Some(socket) = &self.socket else {
-            return Flushed::Gone;
+            return (Flushed::Gone, None);
         };
-        self.flush_with(|slices| {
+        self.flush_at(Instant::now(), |slices| {
             socket.writes.inc();
             socket.stream.try_write_vectored(slices)
         })
     }
 
     /// [`Outbox::flush`] over any writer (tests write to memory).
+    #[cfg(test)]
     ///
     /// The socket is written without the queue's lock: the record path
     /// keeps pushing meanwhile.
     pub fn flush_with(&self, write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>) -> Flushed {
-        self.flush_at(Instant::now(), write)
+        self.flush_at(Instant::now(), write).0
     }
 
     fn flush_at(
         &self,
         now: Instant,
         mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
-    ) -> Flushed {
+    ) -> (Flushed, Option<Instant>) {
         let mut wire = self.wire();
         let (mut progress, mut positions) = (false, false);
         // Control payload bytes written, to take off the backlog.
@@ -670,8 +688,10 @@ impl Outbox {
         let mut inner = self.lock();
         inner.control_bytes = inner.control_bytes.saturating_sub(control_done);
         inner.backlog = !wire.frames.is_empty();
+        let mut tick = None;
         if positions && !self.limits.flush_interval.is_zero() {
-            inner.cool_until = Some(now + self.limits.flush_interval);
+            tick = Some(now + self.limits.flush_interval);
+            inner.cool_until = tick;
         }
         match result {
             // The slow-client timeout counts time without progress: a client
@@ -694,11 +714,12 @@ impl Outbox {
             }
             _ => {}
         }
-        result
+        (result, tick)
     }
 
     /// When positions queued now will be written at the latest: the
     /// connection's next tick, if it has one.
+    #[cfg(test)]
     pub fn next_tick(&self) -> Option<Instant> {
         self.lock().cool_until
     }
@@ -726,7 +747,8 @@ impl Outbox {
         inner.closing = true;
     }
 
-    /// Wakes the connection task to write what the record path queued.
+    /// Wakes the connection's task: its socket would block, or the
+    /// connection is over a limit or gone.
     pub fn wake(&self) {
         self.notify.notify_one();
     }
@@ -1178,7 +1200,7 @@ mod tests {
     /// calls.
     fn writes_at(o: &Outbox, now: Instant) -> Vec<Vec<String>> {
         let mut calls = Vec::new();
-        let result = o.flush_at(now, |slices| {
+        let (result, tick) = o.flush_at(now, |slices| {
             let mut wire = Vec::new();
             for s in slices {
                 wire.extend_from_slice(s);
@@ -1187,6 +1209,10 @@ mod tests {
             Ok(wire.len())
         });
         assert_eq!(result, Flushed::Done);
+        // A tick armed is handed back, so the flusher can keep it.
+        if tick.is_some() {
+            assert_eq!(tick, o.next_tick());
+        }
         calls
     }
 

@@ -36,6 +36,7 @@ use crate::devices;
 use crate::directus::Directus;
 use crate::directus::{Credential, User};
 use crate::filter::{Chain, ChainSpec, reload};
+use crate::flusher::Flusher;
 use crate::ids::ConnId;
 use crate::metrics::{Counted, Metrics};
 use crate::outbox::{self, Outbox};
@@ -118,6 +119,9 @@ impl Host {
             abandon: CancellationToken::new(),
             redis_ready: Arc::default(),
             coverage: Arc::default(),
+            flusher: Arc::new(Flusher::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            )),
             work: work_tx,
             connections: TaskTracker::new(),
             handshakes: tokio::sync::Semaphore::new(config_handshakes),
@@ -207,7 +211,8 @@ impl Host {
         )
         .with_chain_generation(shared.snapshots.chain_generation())
         .with_resume(shared.coverage.clone(), config.resume_slack())
-        .with_deflate_min(config.live_ws_deflate_min_bytes as usize);
+        .with_deflate_min(config.live_ws_deflate_min_bytes as usize)
+        .with_flusher(shared.flusher.clone());
         // Reloaded chains: one at a time is plenty (a reload takes seconds).
         let (chains_tx, chains) = mpsc::channel(1);
         let record_path = std::thread::Builder::new()
@@ -224,6 +229,9 @@ impl Host {
             }
             .run(shared.work.clone(), background.clone()),
         );
+        for shard in 0..shared.flusher.shards() {
+            tokio::spawn(shared.flusher.clone().run(shard, background.clone()));
+        }
         tokio::spawn(reload::watch(
             config.live_filter_chain.clone(),
             chain_fingerprint,
@@ -654,7 +662,8 @@ async fn serve_upgraded(
                 writes: conn_shared.metrics.socket_writes.clone(),
             }),
         )
-        .with_deflate(deflate),
+        .with_deflate(deflate)
+        .on_shard(conn_shared.flusher.assign()),
     );
     connection::serve(conn_shared, ws, outbox, user, credential, id).await;
 }

@@ -14,6 +14,7 @@ use crate::broadcast::Work;
 use crate::config::Config;
 use crate::devices::DeviceMap;
 use crate::directus::Directus;
+use crate::flusher::Flusher;
 use crate::latest::LatestPositions;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -39,6 +40,8 @@ pub struct Shared {
     pub redis_ready: Arc<AtomicBool>,
     /// Since when the stream has been read without a break (resumes).
     pub coverage: Arc<Coverage>,
+    /// The writers of positions (one shard per runtime worker).
+    pub flusher: Arc<Flusher>,
     /// The record path's queue: batches and snapshots to filter.
     pub work: mpsc::Sender<Work>,
     /// Upgrades being authenticated (`LIVE_WS_MAX_HANDSHAKES`).
