@@ -664,6 +664,11 @@ impl Outbox {
                 if inner.overflow {
                     break Flushed::Overflow;
                 }
+                // The wire is empty: said here, under the lock a push takes,
+                // not after the write, or a push in between would see an old
+                // backlog, take the connection for one that is being written
+                // and hand it to no writer.
+                inner.backlog = false;
                 positions |= inner.stage(&mut wire.frames, now);
                 if wire.frames.is_empty() {
                     break Flushed::Done;
@@ -786,7 +791,9 @@ impl Outbox {
         )
     }
 
-    /// Refuses further pushes and frees the queue.
+    /// Refuses further pushes, frees the queue, and ends the TCP
+    /// connection now: a flusher's tick entry may still hold the outbox,
+    /// and with it the socket, for up to an interval.
     pub fn close(&self) {
         *self.wire() = Wire::default();
         let mut inner = self.lock();
@@ -794,6 +801,10 @@ impl Outbox {
             closed: true,
             ..Inner::default()
         };
+        drop(inner);
+        if let Some(s) = &self.socket {
+            let _ = socket2::SockRef::from(&*s.stream).shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
