@@ -1471,17 +1471,31 @@ pub fn storm_line(r: &StormReport) -> String {
     )
 }
 
+/// Positions per socket write, from the host's own counters (whole run,
+/// snapshots included): what write coalescing achieved. `-` for a host
+/// without the write counter.
+fn deliveries_per_write(r: &Report) -> String {
+    if r.host_socket_writes == 0 {
+        return "-".into();
+    }
+    format!(
+        "{:.2}",
+        r.host_deliveries as f64 / r.host_socket_writes as f64
+    )
+}
+
 /// A table of reports, one row each.
 pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>9} {:>6}\n",
+        "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>6} {:>7} {:>9} {:>6} {:>6}\n",
         "scenario", "clients", "stuck", "rate", "published", "expected", "received", "lost", "dup", "deliv/s",
-        "p50 us", "p99 us", "p999 us", "max us", "rss KiB", "peak KiB", "B/conn", "cpu %", "us/dlv", "conflated", "B/dlv"
+        "p50 us", "p99 us", "p999 us", "max us", "rss KiB", "peak KiB", "B/conn", "cpu %", "us/dlv", "conflated", "B/dlv",
+        "dlv/wr"
     ));
     for r in reports {
         out.push_str(&format!(
-            "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8.0} {:>6.0} {:>7.2} {:>9} {:>6.0}\n",
+            "{:<14} {:>7} {:>6} {:>6} {:>9} {:>11} {:>11} {:>6} {:>5} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8.0} {:>6.0} {:>7.2} {:>9} {:>6.0} {:>6}\n",
             if r.deflate {
                 format!("{}+deflate", r.scenario)
             } else {
@@ -1506,7 +1520,8 @@ pub fn table(reports: &[Report]) -> String {
             r.host_cpu_percent,
             r.host_cpu_us_per_delivery,
             r.conflated,
-            r.wire_bytes_per_delivery
+            r.wire_bytes_per_delivery,
+            deliveries_per_write(r)
         ));
     }
     out
