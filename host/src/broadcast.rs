@@ -245,6 +245,7 @@ impl Broadcaster {
         metrics: Arc<Metrics>,
         max_record_bytes: usize,
     ) -> Self {
+        let flusher = Arc::new(Flusher::new(1, metrics.flush_lag_ms.clone()));
         Self {
             chain,
             latest,
@@ -258,7 +259,7 @@ impl Broadcaster {
             metrics,
             max_record_bytes,
             deflate_min: usize::MAX,
-            flusher: Arc::new(Flusher::new(1)),
+            flusher,
             malformed_log: LogLimiter::new(Duration::from_secs(10)),
             records: Vec::new(),
             bodies: Vec::new(),

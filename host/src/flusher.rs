@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +35,9 @@ const FLUSHES_PER_YIELD: usize = 64;
 pub struct Flusher {
     shards: Box<[Shard]>,
     next: AtomicUsize,
+    /// How late due ticks are reached (`livecast_flush_lag_ms`): writers
+    /// that fall behind show here before clients notice.
+    lag_ms: Histogram,
 }
 
 #[derive(Default)]
@@ -60,10 +64,11 @@ impl Shard {
 impl Flusher {
     /// A flusher of `shards` shards (at least one): as many as the runtime
     /// has worker threads, so that writes run on every core.
-    pub fn new(shards: usize) -> Self {
+    pub fn new(shards: usize, lag_ms: Histogram) -> Self {
         Self {
             shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
             next: AtomicUsize::new(0),
+            lag_ms,
         }
     }
 
@@ -107,7 +112,11 @@ impl Flusher {
         let mut armed: Vec<(Instant, Arc<Outbox>)> = Vec::new();
         loop {
             let now = Instant::now();
-            let next = take_due(shard, now, &mut batch);
+            let (next, oldest) = take_due(shard, now, &mut batch);
+            if let Some(due) = oldest {
+                let late = now.saturating_duration_since(due);
+                self.lag_ms.observe(late.as_secs_f64() * 1000.0);
+            }
             if batch.is_empty() {
                 let sleep = tokio::time::sleep_until(next.unwrap_or(now).into());
                 tokio::select! {
@@ -136,16 +145,23 @@ impl Flusher {
     }
 }
 
-/// Moves what is due at `now` into `batch`; when the next tick comes due.
-fn take_due(shard: &Shard, now: Instant, batch: &mut Vec<Arc<Outbox>>) -> Option<Instant> {
+/// Moves what is due at `now` into `batch`; when the next tick comes due,
+/// and when the oldest tick taken was.
+fn take_due(
+    shard: &Shard,
+    now: Instant,
+    batch: &mut Vec<Arc<Outbox>>,
+) -> (Option<Instant>, Option<Instant>) {
     let mut q = shard.queue();
     batch.append(&mut q.now);
+    let mut oldest = None;
     while q.ticks.front().is_some_and(|(at, _)| *at <= now) {
-        if let Some((_, o)) = q.ticks.pop_front() {
+        if let Some((at, o)) = q.ticks.pop_front() {
+            oldest.get_or_insert(at);
             batch.push(o);
         }
     }
-    q.ticks.front().map(|(at, _)| *at)
+    (q.ticks.front().map(|(at, _)| *at), oldest)
 }
 
 #[cfg(test)]
@@ -199,7 +215,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_connection_is_written_at_its_tick_without_its_task() {
-        let flusher = Arc::new(Flusher::new(1));
+        let metrics = crate::metrics::Metrics::new();
+        let flusher = Arc::new(Flusher::new(1, metrics.flush_lag_ms.clone()));
         let stop = CancellationToken::new();
         tokio::spawn(flusher.clone().run(0, stop.clone()));
         // Long enough that nothing else runs between the pushes below.
@@ -217,6 +234,12 @@ mod tests {
         assert_eq!(push(&o, 2, 2), Pushed::Queued { first: false });
         read(&mut client, 2 * FRAME).await;
         assert_eq!(writes.get(), 2);
+        let text = metrics.render();
+        assert!(
+            text.contains("livecast_flush_lag_ms_count ")
+                && !text.contains("livecast_flush_lag_ms_count 0\n"),
+            "the tick's lateness is observed"
+        );
 
         // The tick after that finds nothing and ends the busy period: the
         // next position is a first one again.

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub records_routed: Counter,
     pub deliveries: Counter,
     pub socket_writes: Counter,
+    pub flush_lag_ms: Histogram,
     pub conflated: Counter,
     pub consumer_lag: Gauge,
     pub consumer_errors: CounterFamily,
@@ -184,6 +185,11 @@ impl Metrics {
                 "livecast_socket_writes",
                 "Vectored writes to client sockets; deliveries per write shows how well writes coalesce",
                 Counter::default()
+            ),
+            flush_lag_ms: reg!(
+                "livecast_flush_lag_ms",
+                "How late the writers reach the connections whose flush tick came due, once per writer pass",
+                latency_ms()
             ),
             conflated: reg!(
                 "livecast_conflated",

@@ -106,6 +106,11 @@ impl Host {
         );
         let config_handshakes = config.live_ws_max_handshakes as usize;
         let snapshots = Arc::new(Snapshots::new(config.snapshot_share()));
+        // One writer per runtime worker (tokio's default count).
+        let flusher = Arc::new(Flusher::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            metrics.flush_lag_ms.clone(),
+        ));
         let shared = Arc::new(Shared {
             config,
             directus,
@@ -119,9 +124,7 @@ impl Host {
             abandon: CancellationToken::new(),
             redis_ready: Arc::default(),
             coverage: Arc::default(),
-            flusher: Arc::new(Flusher::new(
-                std::thread::available_parallelism().map_or(1, |n| n.get()),
-            )),
+            flusher,
             work: work_tx,
             connections: TaskTracker::new(),
             handshakes: tokio::sync::Semaphore::new(config_handshakes),
