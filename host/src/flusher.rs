@@ -50,7 +50,10 @@ struct Shard {
 struct Queue {
     /// Connections with positions to write now (they were quiet).
     now: Vec<Arc<Outbox>>,
-    /// Connections waiting for their tick, in the order they come due.
+    /// Connections waiting for their tick, in the order they come due,
+    /// nearly: a tick a connection's task arms while its shard is writing
+    /// a batch goes ahead of that batch's own, which then wait behind it at
+    /// most the batch's length (late, never lost).
     ticks: VecDeque<(Instant, Arc<Outbox>)>,
 }
 
