@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::deflate::Packed;
 use crate::devices::{DeviceEvents, DeviceMap};
 use crate::filter::{AudienceRef, Chain, Decided, Record};
-use crate::flusher::Flusher;
+use crate::flusher::{Flusher, Handoff};
 use crate::ids::{DeviceIdx, TopicIdx};
 use crate::latest::{Latest, LatestPositions, Observed};
 use crate::metrics::Metrics;
@@ -156,20 +156,20 @@ impl Tally {
 }
 
 /// What one batch hands to subscribers: the positions pushed into their
-/// outboxes, counted, and the outboxes to wake once the whole batch is in
-/// (so a client gets the batch in one write).
-struct Delivery<'v> {
+/// outboxes, counted, and the outboxes to have written once the whole batch
+/// is in (so a client gets the batch in one write).
+struct Delivery {
     tally: Tally,
-    /// Outboxes this batch gave their first thing to send.
-    dirty: Vec<&'v Arc<Outbox>>,
+    /// Outboxes this batch gave their first thing to send, by writer.
+    handoff: Handoff,
     deflate_min: usize,
 }
 
-impl<'v> Delivery<'v> {
+impl Delivery {
     fn new(deflate_min: usize) -> Self {
         Self {
             tally: Tally::default(),
-            dirty: Vec::new(),
+            handoff: Handoff::default(),
             deflate_min,
         }
     }
@@ -185,7 +185,7 @@ impl<'v> Delivery<'v> {
     /// Queues one position for one subscriber: the message shared by the
     /// topic (or audience), compressed once for those that negotiated
     /// permessage-deflate.
-    fn push(&mut self, outbox: &'v Arc<Outbox>, topic: TopicIdx, position: Queued, msg: &Packed) {
+    fn push(&mut self, outbox: &Arc<Outbox>, topic: TopicIdx, position: Queued, msg: &Packed) {
         let tally = &mut self.tally;
         let msg = msg.for_connection(outbox.deflate(), self.deflate_min, |i, o| {
             tally.deflate_in += i as u64;
@@ -193,7 +193,7 @@ impl<'v> Delivery<'v> {
         });
         let p = outbox.push_position(topic, position.device, position.ts, msg, position.floor);
         if p == (Pushed::Queued { first: true }) {
-            self.dirty.push(outbox);
+            self.handoff.add(outbox);
         }
         self.tally.pushed(p);
     }
@@ -207,7 +207,7 @@ impl<'v> Delivery<'v> {
     /// on every core of the runtime (writing them here, on one thread, lost
     /// that; see docs/benchmarks.md). Connections waiting for their tick
     /// are not here: their shard writes them when it comes.
-    fn finish(self, metrics: &Metrics, flusher: &Flusher) {
+    fn finish(mut self, metrics: &Metrics, flusher: &Flusher) {
         let t = &self.tally;
         metrics.records_stale.inc_by(t.stale);
         metrics.records_unrouted.inc_by(t.unrouted);
@@ -216,7 +216,7 @@ impl<'v> Delivery<'v> {
         metrics.conflated.inc_by(t.conflated);
         metrics.deflate_in_bytes.inc_by(t.deflate_in);
         metrics.deflate_out_bytes.inc_by(t.deflate_out);
-        flusher.write_now(&self.dirty);
+        flusher.write_now(&mut self.handoff);
     }
 }
 

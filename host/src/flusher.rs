@@ -84,18 +84,16 @@ impl Flusher {
         self.shards.len()
     }
 
-    /// Has the positions just queued for these (quiet) connections written:
-    /// one lock and one wake-up per shard, for a whole batch.
-    pub fn write_now(&self, outboxes: &[&Arc<Outbox>]) {
-        for (i, shard) in self.shards.iter().enumerate() {
-            let mut mine = outboxes
-                .iter()
-                .filter(|o| o.shard() % self.shards.len() == i)
-                .peekable();
-            if mine.peek().is_none() {
+    /// Has the positions just queued for the (quiet) connections of
+    /// `handoff` written: one lock and one wake-up per shard, for a whole
+    /// batch. Leaves `handoff` empty.
+    pub fn write_now(&self, handoff: &mut Handoff) {
+        for (i, outboxes) in handoff.by_shard.iter_mut().enumerate() {
+            if outboxes.is_empty() {
                 continue;
             }
-            shard.queue().now.extend(mine.map(|o| Arc::clone(o)));
+            let shard = &self.shards[i % self.shards.len()];
+            shard.queue().now.append(outboxes);
             shard.notify.notify_one();
         }
     }
@@ -145,6 +143,23 @@ impl Flusher {
             }
             shard.queue().ticks.extend(armed.drain(..));
         }
+    }
+}
+
+/// Connections a batch gave their first positions, sorted by shard as the
+/// record path finds them, so that handing them over is one pass.
+#[derive(Default)]
+pub struct Handoff {
+    by_shard: Vec<Vec<Arc<Outbox>>>,
+}
+
+impl Handoff {
+    pub fn add(&mut self, outbox: &Arc<Outbox>) {
+        let shard = outbox.shard();
+        if self.by_shard.len() <= shard {
+            self.by_shard.resize_with(shard + 1, Vec::new);
+        }
+        self.by_shard[shard].push(outbox.clone());
     }
 }
 
@@ -227,7 +242,9 @@ mod tests {
 
         // Quiet: written at once.
         assert_eq!(push(&o, 1, 1), Pushed::Queued { first: true });
-        flusher.write_now(&[&o]);
+        let mut handoff = Handoff::default();
+        handoff.add(&o);
+        flusher.write_now(&mut handoff);
         read(&mut client, FRAME).await;
         assert_eq!(writes.get(), 1);
 
